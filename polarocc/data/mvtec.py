@@ -1,0 +1,74 @@
+"""Reader for MVTec AD, MPDD and any folder in MVTec AD layout.
+
+Layout::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png
+    <root>/<category>/test/<defect_type>/<stem>.png
+    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polarocc.data.images import image_size
+from polarocc.data.samples import NORMAL_TYPE, Sample
+from polarocc.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _mask_for(image: Path, truth: Path) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = truth / f"{image.stem}_mask{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_split(root: Path, category: str, split: str) -> list[Sample]:
+    """List the samples of one category and split, checking that every defect has a mask."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    base = Path(root) / category / split
+    if not base.is_dir():
+        raise DataError(f"{base} does not exist: an MVTec-layout category needs {split}/ (see README)")
+    samples: list[Sample] = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+        kind = folder.name
+        if split == "train" and kind != NORMAL_TYPE:
+            continue
+        for image in _images(folder):
+            if kind == NORMAL_TYPE:
+                samples.append(Sample(image, 0))
+                continue
+            truth = Path(root) / category / "ground_truth" / kind
+            mask = _mask_for(image, truth)
+            if mask is None:
+                raise DataError(
+                    f"defective test image {image} has no mask: expected {truth / (image.stem + '_mask.png')}"
+                )
+            samples.append(Sample(image, 1, kind, mask))
+    if not samples:
+        raise DataError(f"{base} holds no images: category '{category}' is empty")
+    if split == "train" and not any(s.label == 0 for s in samples):
+        raise DataError(f"{base / NORMAL_TYPE} holds no normal training images")
+    return samples
+
+
+def check_masks(samples: list[Sample]) -> None:
+    """Check that each mask has its image's size, reading only file headers."""
+    for sample in samples:
+        if sample.mask_path is not None:
+            img, mask = image_size(sample.path), image_size(sample.mask_path)
+            if img != mask:
+                raise DataError(
+                    f"mask {sample.mask_path} is {mask[0]}x{mask[1]} but its image {sample.path} is "
+                    f"{img[0]}x{img[1]}; masks must have the image's size"
+                )

@@ -1,0 +1,134 @@
+"""Extract frozen features once per dataset category into resumable zarr stores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polarocc.data.images import Geometry, load_image, load_mask
+from polarocc.data.mvtec import check_masks, read_split
+from polarocc.data.samples import Sample
+from polarocc.errors import NumericalError
+from polarocc.features import store as fs
+from polarocc.models.backbone import FeatureExtractor
+
+
+def pick_device(requested: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return requested
+
+
+def read_category(root: Path, category: str) -> dict[str, list[Sample]]:
+    """Train and test samples of one MVTec-layout category, with mask sizes checked from headers."""
+    samples = {split: read_split(root, category, split) for split in fs.SPLITS}
+    check_masks(samples["test"])
+    return samples
+
+
+def gram_and_sums(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image sum_p f_p f_p^T (B, C, C) and sum_p f_p (B, C), in float64."""
+    flat = torch.from_numpy(np.ascontiguousarray(features)).to(torch.float64).flatten(2)
+    return torch.bmm(flat, flat.transpose(1, 2)).numpy(), flat.sum(-1).numpy()
+
+
+def _check_finite(features: np.ndarray, samples: list[Sample]) -> None:
+    finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    if not finite.all():
+        bad = samples[int(np.flatnonzero(~finite)[0])].path
+        raise NumericalError(f"backbone features of {bad} contain NaN or Inf (overflow in {features.dtype}?)")
+
+
+class CategoryExtractor:
+    """Runs the extractor over one category's shards and writes them to a partial store."""
+
+    def __init__(self, extractor: FeatureExtractor, geometry: Geometry, batch_size: int, dtype: str,
+                 device: str = "cpu") -> None:
+        self.extractor = extractor.to(device)
+        self.geometry = geometry
+        self.batch_size = batch_size
+        self.dtype = np.dtype(dtype)
+        self.device = device
+
+    def load(self, samples: list[Sample]) -> np.ndarray:
+        """uint8 images (B, crop, crop, 3)."""
+        return np.stack([load_image(s.path, self.geometry) for s in samples])
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Aggregated features (B, C, H, W) in the store dtype."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.from_numpy(images[start:start + self.batch_size]).to(self.device)
+            out.append(self.extractor(batch).float().cpu().numpy().astype(self.dtype))
+        return np.concatenate(out)
+
+    def run(self, group, split: str, samples: list[Sample], progress: bool = True,
+            on_shard: Callable[[int], None] | None = None) -> int:
+        """Compute and write every pending shard of ``split``; returns the number computed."""
+        pending = fs.pending_shards(group, split)
+        size = fs.shard_size(group, split)
+        arrays = group[split]
+
+        def shard_samples(k: int) -> list[Sample]:
+            return samples[k * size:(k + 1) * size]
+
+        computed = 0
+        # Decode the next shard's images in a thread while the current shard runs through the model.
+        with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
+            total=len(pending), desc=f"  {split}", unit="shard", disable=not progress, leave=False
+        ) as bar:
+            future = pool.submit(self.load, shard_samples(pending[0])) if pending else None
+            for i, k in enumerate(pending):
+                images = future.result()
+                if i + 1 < len(pending):
+                    future = pool.submit(self.load, shard_samples(pending[i + 1]))
+                items = shard_samples(k)
+                feats = self.features(images)
+                _check_finite(feats, items)
+                sl = slice(k * size, k * size + len(items))
+                arrays["features"][sl] = feats
+                if split == "train":
+                    gram, sums = gram_and_sums(feats)
+                    arrays["gram"][sl] = gram
+                    arrays["sums"][sl] = sums
+                else:
+                    arrays["masks"][sl] = np.stack([
+                        load_mask(s.mask_path, self.geometry) if s.mask_path is not None
+                        else np.zeros((self.geometry.crop,) * 2, dtype=bool) for s in items
+                    ])
+                arrays["done"][k] = True
+                computed += 1
+                bar.update()
+                if on_shard is not None:
+                    on_shard(k)
+        return computed
+
+
+def store_fingerprint(backbone: dict, geometry: Geometry, layout: fs.StoreLayout,
+                      samples: dict[str, list[Sample]]) -> str:
+    """Fingerprint of everything that determines a category store's bytes."""
+    files = {split: [fs.file_signature(s.path) + ([] if s.mask_path is None else fs.file_signature(s.mask_path))
+                     for s in items] for split, items in samples.items()}
+    return fs.fingerprint({"backbone": backbone, "geometry": asdict(geometry), "layout": asdict(layout),
+                           "files": files, "version": 1})
+
+
+def extract_category(runner: CategoryExtractor, samples: dict[str, list[Sample]], layout: fs.StoreLayout,
+                     backbone: dict, final: Path, partial: Path, progress: bool = True,
+                     on_shard: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Build (or resume) one category store and move it into place; returns shards computed per split."""
+    fp = store_fingerprint(backbone, runner.geometry, layout, samples)
+    attrs = {"backbone": backbone, "geometry": asdict(runner.geometry), "layout": asdict(layout)}
+    group = fs.create_or_resume(partial, fp, layout, samples, attrs)
+    computed = {split: runner.run(group, split, items, progress, on_shard) for split, items in samples.items()}
+    fs.finalize(partial, final)
+    return computed

@@ -1,0 +1,187 @@
+"""Chunked zarr (v3) stores of cached features, one per dataset category.
+
+Layout of ``<category>.zarr``::
+
+    attrs: fingerprint, spec (channels, height, width, crop, backbone ...), complete
+    train/features (N, C, H, W)  float16, one chunk per image inside shards of ``shard_images`` images
+    train/gram     (N, C, C)     float64 per-image sum_p f_p f_p^T (from the stored, rounded features)
+    train/sums     (N, C)        float64 per-image sum_p f_p
+    test/features  (N, C, H, W)
+    test/masks     (N, crop, crop) bool
+    <split>/done   (n_shards,)   bool, set after a shard's arrays are written
+    <split> attrs: samples (path, label, defect_type, mask_path per image)
+
+Stores are built under a ``.partial`` path and moved into place with ``os.replace`` when complete; a
+partial store is resumed only when its params fingerprint matches, so a crash loses at most the
+shard being written and a changed param never reuses stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from polarocc.data.samples import Sample
+
+SPLITS = ("train", "test")
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """A stable hash of everything that determines a store's content."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_signature(path: Path) -> list[Any]:
+    """(path, size, mtime) of a file: cheap, and changes whenever the file is rewritten."""
+    stat = Path(path).stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _compressors(name: str, level: int) -> Any:
+    if name == "zstd":
+        return [ZstdCodec(level=level)]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.bitshuffle)]
+    return None
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and encodings of a category store."""
+
+    channels: int
+    height: int
+    width: int
+    crop: int
+    dtype: str = "float16"
+    shard_images: int = 16
+    compressor: str = "zstd"
+    level: int = 3
+
+
+def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, shard: int,
+            layout: StoreLayout, per_image_chunks: bool) -> zarr.Array:
+    inner = (1, *shape[1:]) if per_image_chunks else (shard, *shape[1:])
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=inner,
+                              shards=(shard, *shape[1:]) if per_image_chunks else None,
+                              compressors=_compressors(layout.compressor, layout.level), fill_value=0)
+
+
+def create_or_resume(path: Path, fp: str, layout: StoreLayout, samples: dict[str, list[Sample]],
+                     attrs: dict[str, Any]) -> zarr.Group:
+    """Open the partial store at ``path`` if its fingerprint is ``fp``, else start it afresh."""
+    if path.exists():
+        try:
+            group = zarr.open_group(path, mode="r+")
+            if group.attrs.get("fingerprint") == fp:
+                return group
+        except Exception:  # an unreadable leftover is simply rebuilt
+            pass
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(path, mode="w")
+    group.attrs.update({**attrs, "fingerprint": fp, "complete": False})
+    shard, c, h, w = layout.shard_images, layout.channels, layout.height, layout.width
+    for split, items in samples.items():
+        n = len(items)
+        sub = group.create_group(split)
+        sub.attrs["samples"] = [s.to_record() for s in items]
+        per_shard = min(shard, n)
+        _create(sub, "features", (n, c, h, w), layout.dtype, per_shard, layout, per_image_chunks=True)
+        sub.create_array("done", shape=(-(-n // per_shard),), dtype="bool", chunks=(1,), fill_value=False)
+        if split == "train":
+            _create(sub, "gram", (n, c, c), "float64", per_shard, layout, per_image_chunks=False)
+            _create(sub, "sums", (n, c), "float64", per_shard, layout, per_image_chunks=False)
+        else:
+            _create(sub, "masks", (n, layout.crop, layout.crop), "bool", per_shard, layout, per_image_chunks=False)
+    return group
+
+
+def pending_shards(group: zarr.Group, split: str) -> list[int]:
+    """Indices of shards not yet marked done."""
+    return [int(i) for i in np.flatnonzero(~group[split]["done"][:])]
+
+
+def shard_size(group: zarr.Group, split: str) -> int:
+    """Images per shard of ``split``."""
+    return int(group[split]["features"].shards[0])
+
+
+def finalize(partial: Path, final: Path) -> Path:
+    """Mark the partial store complete and move it atomically to ``final``."""
+    group = zarr.open_group(partial, mode="r+")
+    for split in SPLITS:
+        if split in group and pending_shards(group, split):
+            raise RuntimeError(f"store {partial} still has unwritten shards in {split}")
+    group.attrs["complete"] = True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return final
+
+
+class FeatureStore:
+    """Read access to one complete category store."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no feature store at {self.path}: run the extract stage (dvc repro extract)")
+        self.group = zarr.open_group(self.path, mode="r")
+        if not self.group.attrs.get("complete", False):
+            raise RuntimeError(f"feature store {self.path} is incomplete; rerun the extract stage")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store's attributes (spec, fingerprint, backbone ...)."""
+        return dict(self.group.attrs)
+
+    @property
+    def channels(self) -> int:
+        """Feature channels C."""
+        return int(self.group["train/features"].shape[1])
+
+    @property
+    def pixels_per_image(self) -> int:
+        """Feature positions per image (H * W)."""
+        shape = self.group["train/features"].shape
+        return int(shape[2] * shape[3])
+
+    def samples(self, split: str) -> list[Sample]:
+        """Per-image metadata of ``split``."""
+        return [Sample.from_record(r) for r in self.group[split].attrs["samples"]]
+
+    def features(self, split: str) -> zarr.Array:
+        """The (N, C, H, W) feature array of ``split`` (lazy)."""
+        return self.group[split]["features"]
+
+    def batches(self, split: str, size: int | None = None):
+        """Yield consecutive (indices, features) blocks, one shard at a time by default."""
+        array = self.features(split)
+        size = size or int(array.shards[0])
+        for start in range(0, array.shape[0], size):
+            stop = min(start + size, array.shape[0])
+            yield np.arange(start, stop), array[start:stop]
+
+    def gram_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image Gram matrices (N, C, C) and sums (N, C) of the training split."""
+        return self.group["train/gram"][:], self.group["train/sums"][:]
+
+    def feature_mean(self) -> np.ndarray:
+        """Mean pre-trained training feature (C,), from the cached sums."""
+        sums = self.group["train/sums"][:]
+        return sums.sum(0) / (len(sums) * self.pixels_per_image)
+
+    def masks(self) -> np.ndarray:
+        """Test masks (N, crop, crop) bool."""
+        return self.group["test/masks"][:]

@@ -1,0 +1,106 @@
+"""A frozen timm CNN whose chosen feature levels are pooled, resized and concatenated.
+
+Following the paper (and CFA before it): each selected level goes through a 3x3 average pool with
+stride 1, is bilinearly upsampled to the first selected level's resolution and the levels are
+concatenated along channels, e.g. Wide-ResNet50 layers 1-3 -> 1792 x 56 x 56 at 224 input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polarocc.errors import ConfigError, WeightsError
+from polarocc.models.weights import resolve_weights
+
+
+class MultiScaleAggregator(nn.Module):
+    """Average-pool each level, upsample all to the first level's size, concatenate."""
+
+    def __init__(self, pool: int = 3) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        size = levels[0].shape[-2:]
+        out = []
+        for level in levels:
+            if self.pool > 1:
+                level = F.avg_pool2d(level, self.pool, stride=1, padding=self.pool // 2)
+            if level.shape[-2:] != size:
+                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            out.append(level)
+        return torch.cat(out, dim=1)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the extractor produces: channels, spatial size and normalisation."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen timm backbone + multi-scale aggregation; takes uint8-range-normalised RGB batches."""
+
+    def __init__(self, backbone: nn.Module, pool: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.aggregate = MultiScaleAggregator(pool)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW normalised with the model's mean/std."""
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(self.backbone(self.normalize(images)))
+
+    @torch.inference_mode()
+    def raw_forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's levels without aggregation (benchmark baseline)."""
+        return self.backbone(self.normalize(images))
+
+    def spec(self, crop: int) -> FeatureSpec:
+        """Output shape for a ``crop`` x ``crop`` input, from timm's ``feature_info``."""
+        info = self.backbone.feature_info
+        reduction = info.reduction()[0]
+        return FeatureSpec(sum(info.channels()), -(-crop // reduction), -(-crop // reduction),
+                           tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
+
+
+def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: str = "package",
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> FeatureExtractor:
+    """Create the frozen extractor; ``weights`` is 'package', 'hub', 'none' (random) or a file path."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"params key 'backbone.name': timm has no model named {name!r}")
+    if weights == "none":
+        pretrained, overlay = False, {}
+    else:
+        pretrained, overlay = resolve_weights(name, weights)
+    try:
+        backbone = timm.create_model(name, features_only=True, out_indices=tuple(layers), pretrained=pretrained,
+                                     pretrained_cfg_overlay=overlay or None)
+    except IndexError as exc:
+        raise ConfigError(f"params key 'backbone.layers': {list(layers)} is out of range for {name}") from exc
+    except (OSError, RuntimeError) as exc:
+        if weights == "hub":
+            raise WeightsError(
+                f"could not download weights for {name!r} from the hub ({exc}). Offline, set backbone.weights to "
+                "a local weights file, or use backbone.name tf_efficientnet_lite0 with backbone.weights package"
+            ) from exc
+        raise WeightsError(f"could not load weights {weights!r} into {name!r}: {exc}") from exc
+    cfg = backbone.pretrained_cfg
+    return FeatureExtractor(backbone, pool, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))

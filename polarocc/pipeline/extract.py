@@ -1,0 +1,42 @@
+"""Stage ``extract``: one dataset's categories into feature stores, every input checked first."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from tqdm import tqdm
+
+from polarocc.config import Params, check_backbone_known, check_datasets_exist
+from polarocc.data.images import Geometry
+from polarocc.errors import ConfigError
+from polarocc.features import store as fs
+from polarocc.features.extract import CategoryExtractor, extract_category, pick_device, read_category
+from polarocc.models.backbone import build_extractor
+from polarocc.pipeline import paths
+
+
+def run_extract(params: Params, dataset: str, progress: bool = True) -> dict[str, dict[str, int]]:
+    """Extract every category of ``dataset``; returns shards computed per category and split."""
+    if dataset not in params.datasets:
+        raise ConfigError(f"dataset {dataset!r} is not declared under params key 'datasets'")
+    check_backbone_known(params)
+    check_datasets_exist(params)
+    ds = params.datasets[dataset]
+    root = paths.dataset_root(params, dataset)
+    # Read and check every category's file list before the backbone runs on any of them.
+    samples = {cat: read_category(root, cat) for cat in ds.categories}
+
+    b, e = params.backbone, params.extract
+    geometry = Geometry(b.resize, b.crop)
+    extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
+    spec = extractor.spec(b.crop)
+    layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
+                            e.compressor, e.level)
+    runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, pick_device(e.device))
+    backbone = {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
+    computed = {}
+    for cat in tqdm(ds.categories, desc=f"extract {dataset}", unit="category", disable=not progress):
+        computed[cat] = extract_category(runner, samples[cat], layout, backbone,
+                                         paths.feature_store(params, dataset, cat),
+                                         paths.partial_store(params, dataset, cat), progress)
+    return computed

@@ -1,0 +1,52 @@
+"""Where each stage reads and writes, relative to the project root (mirrors dvc.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polarocc.config import Params, norm_label, resolve
+
+FEATURES = Path("data/features")
+PARTIAL = Path("data/.partial")
+MODELS = Path("models")
+REPORTS = Path("reports")
+
+
+def feature_store(params: Params, dataset: str, category: str) -> Path:
+    """The complete store of one category."""
+    return params.root / FEATURES / dataset / f"{category}.zarr"
+
+
+def partial_store(params: Params, dataset: str, category: str) -> Path:
+    """Where the store is built before it is moved into place (outside DVC's outputs, so it survives)."""
+    return params.root / PARTIAL / dataset / f"{category}.zarr"
+
+
+def dataset_root(params: Params, dataset: str) -> Path:
+    """The dataset's root folder."""
+    return resolve(params, params.datasets[dataset].path)
+
+
+def norm_dir(norm: float) -> str:
+    """Folder and file stem of one norm's stages (``norm-1``), as in dvc.yaml."""
+    return f"norm-{norm_label(norm)}"
+
+
+def model_dir(params: Params, norm: float) -> Path:
+    """Trained projectors of every distribution at one norm (the output of ``train@<norm>``)."""
+    return params.root / MODELS / norm_dir(norm)
+
+
+def model_file(params: Params, norm: float, distribution: str, dataset: str, category: str) -> Path:
+    """One trained projector."""
+    return model_dir(params, norm) / distribution / dataset / f"{category}.pt"
+
+
+def norm_scores(params: Params, norm: float) -> Path:
+    """Metrics and image scores of every distribution at one norm (the output of ``score@<norm>``)."""
+    return params.root / REPORTS / "variants" / f"{norm_dir(norm)}.json"
+
+
+def reports(params: Params) -> Path:
+    """The reports folder."""
+    return params.root / REPORTS

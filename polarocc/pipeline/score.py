@@ -1,0 +1,81 @@
+"""Stage ``score``: anomaly maps and metrics of one center variant on every dataset category."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polarocc.config import Params, ScoreConfig, validate_norm
+from polarocc.features.extract import pick_device
+from polarocc.features.store import FeatureStore
+from polarocc.models.projector import Projector
+from polarocc.pipeline import paths
+from polarocc.pipeline.train import load_model
+from polarocc.scoring.maps import score_batch
+from polarocc.scoring.metrics import image_auroc, pixel_auroc
+
+
+def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
+                device: str = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per model, (image scores (N,), anomaly maps (N, crop, crop) float32) of a store's test split.
+
+    The test features are read once, one shard at a time, and shared by every model.
+    """
+    models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
+    crop = int(store.attrs["geometry"]["crop"])
+    scores: list[list[np.ndarray]] = [[] for _ in models]
+    maps: list[list[np.ndarray]] = [[] for _ in models]
+    for _, features in store.batches("test"):
+        batch = torch.from_numpy(features).to(device)
+        for i, (projector, center) in enumerate(models):
+            batch_maps, batch_scores = score_batch(projector, center, batch, crop, cfg.sigma, cfg.reduction,
+                                                   cfg.topk, cfg.squared)
+            maps[i].append(batch_maps.float().cpu().numpy())
+            scores[i].append(batch_scores.double().cpu().numpy())
+    return [(np.concatenate(s), np.concatenate(m)) for s, m in zip(scores, maps, strict=True)]
+
+
+def category_metrics(store: FeatureStore, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> dict:
+    """Image and pixel ROC AUC of one category with its image scores."""
+    samples = store.samples("test")
+    labels = np.array([s.label for s in samples])
+    return {
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps),
+        "n_test": len(samples),
+        "n_anomalous": int(labels.sum()),
+        "scores": [round(float(s), 6) for s in scores],
+        "labels": labels.tolist(),
+        "defect_types": [s.defect_type for s in samples],
+    }
+
+
+def run_score(params: Params, norm: float, progress: bool = True) -> dict:
+    """Score every distribution x dataset category at one norm and write the norm's metrics JSON."""
+    norm = validate_norm(norm, "norm")
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = pick_device(params.score.device)
+    results: dict[str, dict] = {}
+    jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
+    for dataset, category in tqdm(jobs, desc=f"score norm {norm:g}", unit="category", disable=not progress):
+        store = FeatureStore(paths.feature_store(params, dataset, category))
+        models = []
+        for distribution in params.sweep.distributions:
+            projector, center, meta = load_model(paths.model_file(params, norm, distribution, dataset, category))
+            if meta["store_fingerprint"] != store.attrs["fingerprint"]:
+                raise RuntimeError(f"model {distribution}/{dataset}/{category} at norm {norm:g} was trained on "
+                                   "other features; rerun the train stage")
+            models.append((projector, center))
+        masks = store.masks()
+        outputs = score_store(store, models, params.score, device)
+        for distribution, (scores, maps) in zip(params.sweep.distributions, outputs, strict=True):
+            results.setdefault(distribution, {}).setdefault(dataset, {})[category] = category_metrics(
+                store, scores, maps, masks)
+    out = paths.norm_scores(params, norm)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"norm": norm, "device": device, "results": results}, indent=1))
+    return results

@@ -1,0 +1,116 @@
+"""Stage ``train``: fit the projector of one center variant on every dataset category."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polarocc.config import Params, validate_norm
+from polarocc.features.store import FeatureStore
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.pipeline import paths
+from polarocc.training.certify import certified_min_distance_sq
+from polarocc.training.direct import train_direct
+from polarocc.training.gram import ShortcutInvalid, train_gram
+from polarocc.training.schedule import TrainHistory
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def fit_store(store: FeatureStore, params: Params, norm: float,
+              distributions: tuple[str, ...]) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
+    """Train one projector per center distribution on a category store.
+
+    The Gram shortcut is exact only while no training pixel lies within R of the center; the final
+    models are checked on every training pixel in one shared pass, and a model that fails is retrained
+    with the direct trainer.
+    """
+    cfg = params.train
+    channels = store.channels
+    dtype = DTYPES[cfg.dtype]
+    mean = store.feature_mean() if "feature_mean" in distributions else None
+    centers = {d: make_center(d, norm, channels, params.center.seed, feature_mean=mean) for d in distributions}
+    train_features = store.features("train")
+
+    def fresh() -> Projector:
+        return Projector(channels, params.projector.kind, params.projector.bias, seed=cfg.seed, dtype=dtype)
+
+    def load_batch(indices: np.ndarray) -> np.ndarray:
+        return train_features.oindex[np.sort(indices)]
+
+    def direct(distribution: str, note: str | None = None) -> tuple[Projector, torch.Tensor, TrainHistory]:
+        projector = fresh()
+        history = train_direct(projector, centers[distribution], load_batch, train_features.shape[0], cfg)
+        if note:
+            history.notes.append(note)
+        return projector, centers[distribution], history
+
+    fitted: dict[str, tuple[Projector, torch.Tensor, TrainHistory]] = {}
+    if cfg.trainer == "direct":
+        return {d: direct(d) for d in distributions}
+    gram, sums = store.gram_stats()
+    for distribution in distributions:
+        projector = fresh()
+        try:
+            history = train_gram(projector, centers[distribution], gram, sums, store.pixels_per_image, cfg)
+            fitted[distribution] = (projector, centers[distribution], history)
+        except ShortcutInvalid as exc:
+            warnings.warn(f"{store.path} {distribution}: {exc}; retraining with the direct trainer", stacklevel=2)
+            fitted[distribution] = direct(distribution, f"gram shortcut not applicable: {exc}")
+    gram_models = {d: fit for d, fit in fitted.items() if fit[2].trainer == "gram"}
+    closest = certified_min_distance_sq(
+        [fit[0] for fit in gram_models.values()], [fit[1] for fit in gram_models.values()],
+        lambda: (f for _, f in store.batches("train")), gram.sum(0), sums.sum(0),
+        len(gram) * store.pixels_per_image, cfg.radius)
+    for (distribution, (_, _, history)), distance in zip(gram_models.items(), closest, strict=True):
+        history.notes.append(f"every training pixel has ||z-c||^2 >= {distance:.6g} (certified)")
+        if distance <= cfg.radius ** 2:
+            message = f"a training pixel lies within R (||z-c||^2 = {distance:.3g})"
+            warnings.warn(f"{store.path} {distribution}: {message}; retraining with the direct trainer", stacklevel=2)
+            fitted[distribution] = direct(distribution, f"gram shortcut not applicable: {message}")
+    return fitted
+
+
+def save_model(path: Path, projector: Projector, center: torch.Tensor, meta: dict) -> None:
+    """Write a trained projector with its center and provenance (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"projector": projector.state(), "center": center.cpu(), **meta}, partial)
+    os.replace(partial, path)
+
+
+def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
+    """Inverse of :func:`save_model`: (projector, center, metadata)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path}: run the train stage (dvc repro train)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    projector = Projector.from_state(state.pop("projector"), dtype=torch.float32)
+    return projector, state.pop("center"), state
+
+
+def run_train(params: Params, norm: float, progress: bool = True) -> dict:
+    """Train every distribution x dataset category at one norm; returns the training histories."""
+    norm = validate_norm(norm, "norm")
+    torch.set_num_threads(os.cpu_count() or 1)
+    histories: dict[str, dict] = {}
+    jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
+    for dataset, category in tqdm(jobs, desc=f"train norm {norm:g}", unit="category", disable=not progress):
+        store = FeatureStore(paths.feature_store(params, dataset, category))
+        for distribution, (projector, center, history) in fit_store(store, params, norm,
+                                                                    params.sweep.distributions).items():
+            meta = {"distribution": distribution, "norm": norm, "dataset": dataset, "category": category,
+                    "store_fingerprint": store.attrs["fingerprint"], "backbone": store.attrs["backbone"],
+                    "geometry": store.attrs["geometry"], "train": vars(params.train).copy(),
+                    "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
+            save_model(paths.model_file(params, norm, distribution, dataset, category), projector, center, meta)
+            histories.setdefault(distribution, {}).setdefault(dataset, {})[category] = history.to_dict()
+    out = paths.model_dir(params, norm) / "history.json"
+    out.write_text(json.dumps(histories, indent=1))
+    return histories

@@ -1,0 +1,37 @@
+"""Plots people would rather see than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import polars as pl
+
+
+def norm_sweep_plot(means: pl.DataFrame, out: Path, default_norm: float | None = None) -> Path:
+    """Mean image and pixel AUROC against the center norm, a line per distribution, a row per dataset."""
+    datasets = means["dataset"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
+    for row, dataset in enumerate(datasets):
+        ds = means.filter(pl.col("dataset") == dataset)
+        for col, metric in enumerate(("image_auroc", "pixel_auroc")):
+            ax = axes[row][col]
+            for distribution in ds["distribution"].unique(maintain_order=True).to_list():
+                part = ds.filter(pl.col("distribution") == distribution).sort("norm")
+                ax.plot(part["norm"].to_list(), part[metric].to_list(), marker="o", label=distribution)
+            if default_norm is not None:
+                ax.axvline(default_norm, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("center norm ||c||")
+            ax.set_ylabel(metric.replace("_", " "))
+            ax.set_title(f"{dataset}: {metric.replace('_', ' ')}")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(title="center", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,76 @@
+"""Results tables (polars) built from the sweep declared in params, never by globbing files."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from polarocc.config import Params
+from polarocc.pipeline import paths
+
+KEYS = ["protocol", "dataset", "category", "distribution", "norm"]
+
+
+def results_table(params: Params) -> pl.DataFrame:
+    """One row per dataset x category x distribution x norm of the current sweep."""
+    rows = []
+    payloads: dict[float, dict] = {}
+    for distribution, norm in params.variants():
+        if norm not in payloads:
+            path = paths.norm_scores(params, norm)
+            if not path.is_file():
+                raise FileNotFoundError(f"missing scores of norm {norm:g} at {path}; run the score stage "
+                                        "(dvc repro score)")
+            payloads[norm] = json.loads(path.read_text())["results"]
+        if distribution not in payloads[norm]:
+            raise KeyError(f"scores of norm {norm:g} hold no distribution {distribution!r}; rerun dvc repro score")
+        for dataset, categories in payloads[norm][distribution].items():
+            if dataset not in params.datasets:
+                continue
+            for category, m in categories.items():
+                if category not in params.datasets[dataset].categories:
+                    continue
+                rows.append({
+                    "protocol": "B", "dataset": dataset, "category": category, "distribution": distribution,
+                    "norm": float(norm), "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
+                    "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
+                    "backbone": params.backbone.name, "layers": "-".join(map(str, params.backbone.layers)),
+                    "projector": params.projector.kind, "bias": params.projector.bias,
+                    "trainer": params.train.trainer, "epochs": params.train.epochs,
+                    "batch_size": params.train.batch_size, "lr": params.train.lr,
+                    "weight_decay": params.train.weight_decay, "sigma": float(params.score.sigma),
+                    "reduction": params.score.reduction, "center_seed": params.center.seed,
+                })
+    return pl.DataFrame(rows).sort(KEYS)
+
+
+def sweep_means(table: pl.DataFrame) -> pl.DataFrame:
+    """Mean AUROC over categories per dataset, distribution and norm."""
+    return (table.group_by(["dataset", "distribution", "norm"])
+            .agg(pl.col("image_auroc").mean(), pl.col("pixel_auroc").mean(), pl.len().alias("categories"))
+            .sort(["dataset", "distribution", "norm"]))
+
+
+def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
+    """The few numbers ``dvc exp show`` displays: the default variant per dataset plus sweep summaries."""
+    means = sweep_means(table)
+    metrics: dict[str, dict] = {}
+    for dataset in params.datasets:
+        ds = means.filter(pl.col("dataset") == dataset)
+        default = ds.filter((pl.col("distribution") == params.center.distribution)
+                            & (pl.col("norm") == float(params.center.norm)))
+        at_default_norm = ds.filter(pl.col("norm") == float(params.center.norm))
+        largest = ds.filter(pl.col("norm") == ds["norm"].max())
+        by_norm = ds.group_by("norm").agg(pl.col("image_auroc").mean()).sort("norm")
+        entry = {
+            "image_auroc": round(default["image_auroc"].item(), 4),
+            "pixel_auroc": round(default["pixel_auroc"].item(), 4),
+            "distribution_spread": round(
+                at_default_norm["image_auroc"].max() - at_default_norm["image_auroc"].min(), 4),
+            "largest_norm_image_auroc": round(largest["image_auroc"].mean(), 4),
+            # Analysis of the sweep on test labels: never used to choose the reported model.
+            "sweep_peak_norm": float(by_norm.sort(["image_auroc", "norm"], descending=[True, False])["norm"][0]),
+        }
+        metrics[dataset] = entry
+    return metrics
