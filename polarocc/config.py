@@ -21,7 +21,7 @@ PROJECTORS = ("conv1x1", "linear")
 TRAINERS = ("gram", "direct")
 DATASET_FORMATS = ("mvtec",)
 FEATURE_DTYPES = ("float16", "float32")
-COMPRESSORS = ("zstd", "blosc", "none")
+COMPRESSORS = ("lz4", "zstd", "blosc", "none")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class ExtractConfig:
     dtype: str = "float16"
     batch_size: int = 16
     shard_images: int = 16
-    compressor: str = "zstd"
-    level: int = 3
+    compressor: str = "lz4"
+    level: int = 5
     device: str = "auto"
 
 

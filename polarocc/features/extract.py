@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,9 +71,28 @@ class CategoryExtractor:
             out.append(self.extractor(batch).float().cpu().numpy().astype(self.dtype))
         return np.concatenate(out)
 
+    def write(self, arrays, split: str, shard: int, shard_size: int, items: list[Sample], feats: np.ndarray) -> None:
+        """Write one shard's features and statistics (train) or masks (test), then mark it done."""
+        sl = slice(shard * shard_size, shard * shard_size + len(items))
+        arrays["features"][sl] = feats
+        if split == "train":
+            gram, sums = gram_and_sums(feats)
+            arrays["gram"][sl] = gram
+            arrays["sums"][sl] = sums
+        else:
+            arrays["masks"][sl] = np.stack([
+                load_mask(s.mask_path, self.geometry) if s.mask_path is not None
+                else np.zeros((self.geometry.crop,) * 2, dtype=bool) for s in items
+            ])
+        arrays["done"][shard] = True
+
     def run(self, group, split: str, samples: list[Sample], progress: bool = True,
             on_shard: Callable[[int], None] | None = None) -> int:
-        """Compute and write every pending shard of ``split``; returns the number computed."""
+        """Compute and write every pending shard of ``split``; returns the number computed.
+
+        Three things overlap: decoding the next shard's images, the backbone on this shard, and writing
+        the previous shard (Gram matrices, compression, I/O) in a writer thread.
+        """
         pending = fs.pending_shards(group, split)
         size = fs.shard_size(group, split)
         arrays = group[split]
@@ -82,34 +101,33 @@ class CategoryExtractor:
             return samples[k * size:(k + 1) * size]
 
         computed = 0
-        # Decode the next shard's images in a thread while the current shard runs through the model.
-        with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer, tqdm(
             total=len(pending), desc=f"  {split}", unit="shard", disable=not progress, leave=False
         ) as bar:
-            future = pool.submit(self.load, shard_samples(pending[0])) if pending else None
-            for i, k in enumerate(pending):
-                images = future.result()
-                if i + 1 < len(pending):
-                    future = pool.submit(self.load, shard_samples(pending[i + 1]))
-                items = shard_samples(k)
-                feats = self.features(images)
-                _check_finite(feats, items)
-                sl = slice(k * size, k * size + len(items))
-                arrays["features"][sl] = feats
-                if split == "train":
-                    gram, sums = gram_and_sums(feats)
-                    arrays["gram"][sl] = gram
-                    arrays["sums"][sl] = sums
-                else:
-                    arrays["masks"][sl] = np.stack([
-                        load_mask(s.mask_path, self.geometry) if s.mask_path is not None
-                        else np.zeros((self.geometry.crop,) * 2, dtype=bool) for s in items
-                    ])
-                arrays["done"][k] = True
+            future = reader.submit(self.load, shard_samples(pending[0])) if pending else None
+            written: tuple[int, Future] | None = None
+
+            def settle() -> None:
+                nonlocal computed
+                shard, done = written
+                done.result()
                 computed += 1
                 bar.update()
                 if on_shard is not None:
-                    on_shard(k)
+                    on_shard(shard)
+
+            for i, k in enumerate(pending):
+                images = future.result()
+                if i + 1 < len(pending):
+                    future = reader.submit(self.load, shard_samples(pending[i + 1]))
+                items = shard_samples(k)
+                feats = self.features(images)
+                _check_finite(feats, items)
+                if written is not None:
+                    settle()
+                written = (k, writer.submit(self.write, arrays, split, k, size, items, feats))
+            if written is not None:
+                settle()
         return computed
 
 

@@ -51,6 +51,8 @@ def _compressors(name: str, level: int) -> Any:
         return [ZstdCodec(level=level)]
     if name == "blosc":
         return [BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.bitshuffle)]
+    if name == "lz4":  # fastest to write: float16 features compress little whatever the codec
+        return [BloscCodec(cname="lz4", clevel=level, shuffle=BloscShuffle.shuffle)]
     return None
 
 

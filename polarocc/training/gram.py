@@ -26,6 +26,14 @@ class ShortcutInvalid(RuntimeError):
     """Raised when a pixel may lie within the radius, where the hinge makes the loss non-quadratic."""
 
 
+def _batch_sum(stats: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
+    # Accumulate in place: fancy indexing would first copy the batch's C x C matrices.
+    total = stats[int(batch[0])].clone()
+    for i in batch[1:]:
+        total += stats[int(i)]
+    return total
+
+
 def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sums: np.ndarray,
                pixels_per_image: int, cfg: TrainConfig) -> TrainHistory:
     """Train ``projector`` in place from per-image Gram matrices (N, C, C) and feature sums (N, C)."""
@@ -40,8 +48,7 @@ def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sum
     for epoch, batches in enumerate(epoch_batches(len(gram_t), cfg.batch_size, cfg.epochs, cfg.seed), start=1):
         epoch_loss = 0.0
         for batch in batches:
-            idx = torch.as_tensor(batch)
-            G, s = gram_t[idx].sum(0), sums_t[idx].sum(0)
+            G, s = _batch_sum(gram_t, batch), _batch_sum(sums_t, batch)
             n = len(batch) * pixels_per_image
             with torch.no_grad():
                 gap = -c if b is None else b - c

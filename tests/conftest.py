@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny generated datasets in MVTec layout and a small params file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polarocc.data.textures import TextureSpec, make_textures
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SPEC = TextureSpec(train=6, test_good=3, defects_per_type=1, crop=96, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def default_params() -> dict:
+    """The project's params.yaml as a dict."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture
+def params_dict(default_params: dict, tmp_path: Path) -> dict:
+    """A small, valid params mapping whose textures live under tmp_path."""
+    raw = copy.deepcopy(default_params)
+    raw["datasets"] = {"textures": {"format": "mvtec", "path": "data/textures", "categories": ["brick", "gravel"]}}
+    raw["textures"].update(categories=["brick", "gravel"], train=6, test_good=3, defects_per_type=1, crop=96,
+                           image_size=72)
+    raw["backbone"].update(resize=72, crop=64)
+    raw["extract"].update(shard_images=4, batch_size=4)
+    raw["train"].update(epochs=3, batch_size=4)
+    raw["sweep"] = {"norms": [1, 8], "distributions": ["normal", "ones"]}
+    return raw
+
+
+@pytest.fixture(scope="session")
+def mvtec_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-category dataset in MVTec AD layout made from the real texture photos."""
+    root = tmp_path_factory.mktemp("mvtec")
+    make_textures(root, ("brick", "gravel"), TINY_SPEC, seed=7)
+    return root
+
+
+def write_params(raw: dict, folder: Path) -> Path:
+    """Write a params mapping to folder/params.yaml."""
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The offline ImageNet EfficientNet-Lite0 feature extractor, layers 1-3."""
+    from polarocc.models.backbone import build_extractor
+
+    return build_extractor("tf_efficientnet_lite0", (1, 2, 3), pool=3, weights="package")

@@ -1,0 +1,80 @@
+"""Metrics and map post-processing on hand-made cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+
+from polarocc.errors import DataError
+from polarocc.models.projector import Projector
+from polarocc.scoring.maps import distance_maps, gaussian_blur, reduce_maps, score_batch
+from polarocc.scoring.metrics import image_auroc, pixel_auroc, rank_auroc
+
+
+def test_image_auroc_hand_cases() -> None:
+    assert image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert image_auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert image_auroc([0, 1], [0.5, 0.5]) == 0.5
+    # one of four (normal, anomalous) pairs is misordered
+    assert image_auroc([0, 0, 1, 1], [0.1, 0.6, 0.5, 0.9]) == 0.75
+
+
+def test_pixel_auroc_hand_case() -> None:
+    masks = np.zeros((2, 2, 2), dtype=bool)
+    masks[1, 0, 0] = True
+    maps = np.zeros((2, 2, 2), dtype=np.float32)
+    maps[1, 0, 0] = 5.0
+    assert pixel_auroc(masks, maps) == 1.0
+    maps[0, 1, 1] = 9.0  # one normal pixel above the defect: 1 of 7 pairs wrong
+    assert pixel_auroc(masks, maps) == pytest.approx(6 / 7)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_auroc_equals_sklearn_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.random(5000) < 0.2
+    scores = np.round(rng.random(5000) + 0.3 * labels, 2)  # many ties
+    assert rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_single_class_is_an_error() -> None:
+    with pytest.raises(DataError, match=r"both normal and anomalous"):
+        image_auroc([0, 0], [0.1, 0.2])
+    with pytest.raises(DataError, match=r"defective pixels"):
+        pixel_auroc(np.zeros((1, 4, 4), bool), np.ones((1, 4, 4)))
+
+
+def test_gaussian_blur_matches_scipy_mirror() -> None:
+    maps = torch.rand(3, 40, 48, dtype=torch.float64)
+    ours = gaussian_blur(maps, 4.0).numpy()
+    reference = np.stack([gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    np.testing.assert_allclose(ours, reference, atol=1e-12)
+    assert torch.equal(gaussian_blur(maps, 0), maps)
+
+
+def test_reductions() -> None:
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 10.0]]])
+    assert float(reduce_maps(maps, "max")[0]) == 10.0
+    assert float(reduce_maps(maps, "mean")[0]) == 4.0
+    assert float(reduce_maps(maps, "topk", topk=2)[0]) == 6.5
+    with pytest.raises(ValueError, match=r"median"):
+        reduce_maps(maps, "median")
+
+
+def test_distance_maps_and_scores() -> None:
+    projector = Projector(3, dtype=torch.float64)
+    with torch.no_grad():
+        projector.weight.copy_(torch.eye(3, dtype=torch.float64))
+        projector.bias.zero_()
+    center = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    features = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+    features[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # exactly on the center
+    features[0, :, 1, 1] = torch.tensor([1.0, 3.0, 4.0])  # distance 5
+    squared = distance_maps(projector, center, features)
+    assert squared[0].tolist() == [[0.0, 1.0], [1.0, 25.0]]
+    assert distance_maps(projector, center, features, squared=False)[0, 1, 1] == 5.0
+    maps, scores = score_batch(projector, center, features, image_size=8, sigma=0)
+    assert maps.shape == (1, 8, 8) and float(scores[0]) == pytest.approx(float(maps.max()))

@@ -1,0 +1,76 @@
+"""The MVTec-layout reader and image/mask geometry on generated trees."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from polarocc.data.images import Geometry, load_image, load_mask
+from polarocc.data.mvtec import check_masks, read_split
+from polarocc.errors import DataError
+
+
+def test_reads_layout(mvtec_tree: Path) -> None:
+    train = read_split(mvtec_tree, "brick", "train")
+    test = read_split(mvtec_tree, "brick", "test")
+    assert len(train) == 6 and all(s.label == 0 and s.mask_path is None for s in train)
+    assert len(test) == 3 + 4
+    defective = [s for s in test if s.label == 1]
+    assert sorted(s.defect_type for s in defective) == ["hole", "patch", "scratch", "stain"]
+    for s in defective:
+        assert s.mask_path == mvtec_tree / "brick" / "ground_truth" / s.defect_type / f"{s.path.stem}_mask.png"
+    check_masks(test)
+
+
+def test_geometry_applies_to_images_and_masks(tmp_path: Path) -> None:
+    # A white square in a known place must land at the same pixels of the image and of its mask.
+    img = np.zeros((100, 100, 3), np.uint8)
+    img[40:60, 40:60] = 255
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray((img[..., 0] > 0).astype(np.uint8) * 255).save(tmp_path / "a_mask.png")
+    geometry = Geometry(resize=50, crop=40)
+    image = load_image(tmp_path / "a.png", geometry)
+    mask = load_mask(tmp_path / "a_mask.png", geometry)
+    assert image.shape == (40, 40, 3) and mask.shape == (40, 40) and mask.dtype == bool
+    assert mask.sum() == 100  # 20x20 square halved, not cut by the crop
+    # bilinear resizing softens the edge pixels only
+    assert (image[..., 0][mask] > 150).all() and (image[..., 0][~mask] < 100).all()
+    assert (image[..., 0][mask] == 255).sum() >= 64
+
+
+def _copy_category(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "brick", dst / "brick")
+    return dst
+
+
+def test_missing_mask(mvtec_tree: Path, tmp_path: Path) -> None:
+    root = _copy_category(mvtec_tree, tmp_path)
+    (root / "brick/ground_truth/hole/000_mask.png").unlink()
+    with pytest.raises(DataError, match=r"test/hole/000.png has no mask.*000_mask.png"):
+        read_split(root, "brick", "test")
+
+
+def test_mask_size_mismatch(mvtec_tree: Path, tmp_path: Path) -> None:
+    root = _copy_category(mvtec_tree, tmp_path)
+    Image.new("L", (10, 10)).save(root / "brick/ground_truth/stain/000_mask.png")
+    with pytest.raises(DataError, match=r"stain/000_mask.png is 10x10 but its image .* is 64x64"):
+        check_masks(read_split(root, "brick", "test"))
+
+
+def test_empty_category_and_missing_split(tmp_path: Path) -> None:
+    (tmp_path / "empty/train/good").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"holds no images"):
+        read_split(tmp_path, "empty", "train")
+    with pytest.raises(DataError, match=r"test.* does not exist"):
+        read_split(tmp_path, "empty", "test")
+
+
+def test_unreadable_image_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"bad.png"):
+        load_image(bad, Geometry(32, 32))

@@ -1,0 +1,122 @@
+"""The Gram trainer follows the direct trainer's Adam trajectory, and knows where it stops being exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from polarocc.config import TrainConfig
+from polarocc.features.extract import gram_and_sums
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.training.certify import certified_min_distance_sq
+from polarocc.training.direct import hinge_loss, train_direct
+from polarocc.training.gram import ShortcutInvalid, train_gram
+from polarocc.training.optim import Adam
+from polarocc.training.schedule import epoch_batches
+
+
+def _features(n: int = 10, c: int = 12, side: int = 6, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, c, side, side)) + 0.5).astype(np.float16)
+
+
+@pytest.mark.parametrize("kind", ["conv1x1", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gram_matches_direct_float64(kind: str, bias: bool) -> None:
+    features = _features()
+    gram, sums = gram_and_sums(features)
+    cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-2)  # a large lr makes the trajectories move visibly
+    center = make_center("normal", 2.0, features.shape[1])
+    by_gram = Projector(features.shape[1], kind, bias, dtype=torch.float64)
+    by_direct = Projector(features.shape[1], kind, bias, dtype=torch.float64)
+    start = by_gram.weight.detach().clone()
+    h_gram = train_gram(by_gram, center, gram, sums, 36, cfg)
+    h_direct = train_direct(by_direct, center, lambda idx: features[np.sort(idx)], len(features), cfg)
+    assert (by_gram.weight - start).abs().max() > 1e-2
+    torch.testing.assert_close(by_gram.weight, by_direct.weight, rtol=0, atol=1e-10)
+    if bias:
+        torch.testing.assert_close(by_gram.bias, by_direct.bias, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(h_gram.loss, h_direct.loss, rtol=1e-10)
+    assert h_gram.steps == h_direct.steps == 6 * 3
+    assert h_gram.weight_norm == pytest.approx(h_direct.weight_norm, rel=1e-10)
+
+
+def test_gram_matches_direct_float32_within_tolerance() -> None:
+    features = _features(seed=3)
+    gram, sums = gram_and_sums(features)
+    cfg = TrainConfig(epochs=3, batch_size=4)
+    center = make_center("uniform", 1.0, features.shape[1])
+    a, b = Projector(12, dtype=torch.float64), Projector(12, dtype=torch.float32)
+    train_gram(a, center, gram, sums, 36, cfg)
+    train_direct(b, center, lambda idx: features[np.sort(idx)], len(features), cfg)
+    torch.testing.assert_close(a.weight.float(), b.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_projector_kinds_agree() -> None:
+    conv, linear = Projector(5, "conv1x1", seed=3), Projector(5, "linear", seed=3)
+    x = torch.randn(2, 5, 4, 4)
+    torch.testing.assert_close(conv(x), linear(x))
+    assert not torch.equal(conv.weight, Projector(5, "conv1x1", seed=4).weight)
+
+
+def test_functional_adam_equals_torch_adam() -> None:
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(7, 3))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    ours, reference = Adam([p1], lr=1e-2, weight_decay=5e-4), torch.optim.Adam([p2], lr=1e-2, weight_decay=5e-4)
+    for _ in range(20):
+        grad = torch.randn(7, 3)
+        p1.grad, p2.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+    torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+
+
+def test_schedule_is_seeded_and_complete() -> None:
+    a = list(epoch_batches(10, 4, 3, seed=1))
+    b = list(epoch_batches(10, 4, 3, seed=1))
+    assert [[x.tolist() for x in e] for e in a] == [[x.tolist() for x in e] for e in b]
+    for epoch in a:
+        assert [len(x) for x in epoch] == [4, 4, 2]
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(10))
+    assert a[0][0].tolist() != a[1][0].tolist() or a[0][1].tolist() != a[1][1].tolist()
+
+
+def test_hinge_is_zero_inside_radius() -> None:
+    center = torch.ones(3, dtype=torch.float64)
+    z = center.view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    assert float(hinge_loss(z, center, 1e-5)) == 0.0
+    assert float(hinge_loss(z + 1, center, 1e-5)) == pytest.approx(3 - 1e-10)
+
+
+def _collapsed(channels: int, center: torch.Tensor) -> Projector:
+    projector = Projector(channels, dtype=torch.float64)
+    with torch.no_grad():
+        projector.weight.zero_()
+        projector.bias.copy_(center)
+    return projector
+
+
+def test_gram_detects_batch_inside_radius() -> None:
+    features = _features()
+    gram, sums = gram_and_sums(features)
+    center = make_center("normal", 1.0, 12)
+    with pytest.raises(ShortcutInvalid, match=r"within"):
+        train_gram(_collapsed(12, center), center, gram, sums, 36, TrainConfig(epochs=1, batch_size=4))
+
+
+def test_certificate_finds_pixel_inside_radius_and_bounds_others() -> None:
+    features = _features(n=4)
+    gram, sums = gram_and_sums(features)
+    center = make_center("normal", 1.0, 12)
+    trained = Projector(12, dtype=torch.float64)
+    collapsed = _collapsed(12, center)
+    bounds = certified_min_distance_sq([trained, collapsed], [center, center], lambda: iter([features]),
+                                       gram.sum(0), sums.sum(0), 4 * 36, radius=1e-5)
+    with torch.no_grad():
+        z = trained(torch.as_tensor(features, dtype=torch.float64))
+        exact = float((z - center.view(1, -1, 1, 1)).pow(2).sum(1).min())
+    assert 1e-10 < bounds[0] <= exact + 1e-12
+    assert bounds[1] == pytest.approx(0.0, abs=1e-20)
