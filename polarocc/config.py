@@ -351,7 +351,3 @@ def norm_label(norm: float) -> str:
     """The spelling of a norm used in stage names and paths (``1``, ``0.5``)."""
     return f"{norm:g}"
 
-
-def variant_name(distribution: str, norm: float) -> str:
-    """``<distribution>-<norm>``, as in DVC's matrix stage names."""
-    return f"{distribution}-{norm_label(norm)}"

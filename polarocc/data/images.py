@@ -60,14 +60,9 @@ def load_image(path: Path, geometry: Geometry) -> np.ndarray:
     return np.asarray(img.crop(geometry.box()), dtype=np.uint8)
 
 
-def load_mask(path: Path, geometry: Geometry, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a mask as a bool array (crop, crop); checks its size against its image's when given."""
+def load_mask(path: Path, geometry: Geometry) -> np.ndarray:
+    """Read a mask as a bool array (crop, crop); any non-zero pixel is defective."""
     mask = _open(path)
-    if image_size is not None and mask.size != image_size:
-        raise DataError(
-            f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {image_size[0]}x{image_size[1]}; "
-            "masks must have the image's size"
-        )
     binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255)
     binary = binary.resize((geometry.resize, geometry.resize), Image.Resampling.NEAREST)
     return np.asarray(binary.crop(geometry.box())) > 0

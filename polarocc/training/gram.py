@@ -53,7 +53,7 @@ def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sum
             with torch.no_grad():
                 gap = -c if b is None else b - c
                 WG, Ws = W @ G, W @ s
-                mean_sq = (torch.sum(WG * W) + 2 * gap @ Ws + n * gap @ gap) / n
+                mean_sq = (torch.vdot(WG.flatten(), W.flatten()) + 2 * gap @ Ws + n * gap @ gap) / n
                 if mean_sq <= radius_sq:
                     raise ShortcutInvalid(
                         f"epoch {epoch}: the batch's mean squared distance {float(mean_sq):.3g} is within "
