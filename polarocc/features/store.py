@@ -41,9 +41,9 @@ def fingerprint(payload: dict[str, Any]) -> str:
 
 
 def file_signature(path: Path) -> list[Any]:
-    """(path, size, mtime) of a file: cheap, and changes whenever the file is rewritten."""
-    stat = Path(path).stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
+    """(path, size, content hash) of a file: the same in every clone, unlike a modification time."""
+    data = Path(path).read_bytes()
+    return [str(path), len(data), hashlib.sha256(data).hexdigest()[:16]]
 
 
 def _compressors(name: str, level: int) -> Any:
