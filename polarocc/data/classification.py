@@ -1,0 +1,204 @@
+"""Readers of image classification datasets for one-vs-rest one-class evaluation (Protocol A).
+
+Each reader returns a :class:`ClassificationSplits`: uint8 RGB images (in memory for array formats,
+file paths for folder trees), integer labels and class names, for a train and a test split. Nothing
+is downloaded: a missing folder or file raises a :class:`DataError` naming where to get the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from polarocc.errors import DataError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)"
+FMNIST_URL = "https://github.com/zalandoresearch/fashion-mnist (the four idx files)"
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """Images (N, H, W, 3) uint8 or a list of image paths, with integer labels (N,)."""
+
+    images: np.ndarray | list[Path]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class ClassificationSplits:
+    """Train and test splits with the names of the classes the labels index."""
+
+    train: ClassSplit
+    test: ClassSplit
+    classes: tuple[str, ...]
+
+
+def _require(path: Path, what: str, source: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found at {path}; get it from {source} and set the dataset's path param")
+    return path
+
+
+def _to_rgb(gray_or_rgb: np.ndarray) -> np.ndarray:
+    return np.repeat(gray_or_rgb[..., None], 3, axis=-1) if gray_or_rgb.ndim == 3 else gray_or_rgb
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            return pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable CIFAR python batch ({exc})") from exc
+
+
+def _cifar_images(batch: dict, path: Path) -> np.ndarray:
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def read_cifar10(root: Path) -> ClassificationSplits:
+    """CIFAR-10 python batches: ``<root>/data_batch_{1..5}``, ``test_batch``, ``batches.meta``.
+
+    ``root`` may also be the folder holding ``cifar-10-batches-py``.
+    """
+    root = Path(root)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    files = [_require(root / f"data_batch_{i}", "CIFAR-10 training batch", CIFAR10_URL) for i in range(1, 6)]
+    test_file = _require(root / "test_batch", "CIFAR-10 test batch", CIFAR10_URL)
+    meta = _unpickle(_require(root / "batches.meta", "CIFAR-10 batches.meta", CIFAR10_URL))
+    train = [_unpickle(f) for f in files]
+    test = _unpickle(test_file)
+    return ClassificationSplits(
+        ClassSplit(np.concatenate([_cifar_images(b, f) for b, f in zip(train, files, strict=True)]),
+                   np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in train])),
+        ClassSplit(_cifar_images(test, test_file), np.asarray(test[b"labels"], dtype=np.int64)),
+        tuple(n.decode() for n in meta[b"label_names"]),
+    )
+
+
+def read_cifar100(root: Path, coarse: bool = True) -> ClassificationSplits:
+    """CIFAR-100 python files ``<root>/{train,test,meta}``; ``coarse`` uses the 20 superclasses."""
+    root = Path(root)
+    if (root / "cifar-100-python").is_dir():
+        root = root / "cifar-100-python"
+    source = CIFAR10_URL.replace("CIFAR-10", "CIFAR-100")
+    key, names = (b"coarse_labels", b"coarse_label_names") if coarse else (b"fine_labels", b"fine_label_names")
+    parts = {}
+    for split in ("train", "test"):
+        path = _require(root / split, f"CIFAR-100 {split} file", source)
+        batch = _unpickle(path)
+        parts[split] = ClassSplit(_cifar_images(batch, path), np.asarray(batch[key], dtype=np.int64))
+    meta = _unpickle(_require(root / "meta", "CIFAR-100 meta file", source))
+    return ClassificationSplits(parts["train"], parts["test"], tuple(n.decode() for n in meta[names]))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise DataError(f"cannot read idx file {path} ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte idx file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(raw) - offset != expected:
+        raise DataError(f"{path} is truncated: header promises {expected} bytes, found {len(raw) - offset}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (stem, f"{stem}.gz"):
+        if (root / name).is_file():
+            return root / name
+    return _require(root / f"{stem}.gz", "Fashion-MNIST idx file", FMNIST_URL)
+
+
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+
+
+def read_fashion_mnist(root: Path) -> ClassificationSplits:
+    """Fashion-MNIST idx files (gzipped or not): ``train-images-idx3-ubyte`` and its three siblings."""
+    root = Path(root)
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"Fashion-MNIST {split}: {images.shape} images do not match {labels.shape} labels")
+        splits[split] = ClassSplit(_to_rgb(images), labels)
+    return ClassificationSplits(splits["train"], splits["test"], FMNIST_CLASSES)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image_folder(root: Path) -> ClassificationSplits:
+    """A class-per-folder tree ``<root>/{train,test}/<class>/<image>`` (e.g. Cats-vs-Dogs sorted by class)."""
+    root = Path(root)
+    parts: dict[str, tuple[list[Path], list[str]]] = {}
+    for split in ("train", "test"):
+        base = root / split
+        if not base.is_dir():
+            raise DataError(f"{base} does not exist: a class-per-folder dataset needs {split}/<class>/<images>")
+        paths, names = [], []
+        for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"class folder {folder} holds no images")
+            paths += files
+            names += [folder.name] * len(files)
+        if not paths:
+            raise DataError(f"{base} holds no class folders")
+        parts[split] = (paths, names)
+    classes = tuple(sorted(set(parts["train"][1])))
+    unknown = sorted(set(parts["test"][1]) - set(classes))
+    if unknown:
+        raise DataError(f"{root / 'test'} has classes missing from train: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(classes)}
+
+    def split(paths: list[Path], names: list[str]) -> ClassSplit:
+        return ClassSplit(paths, np.array([index[n] for n in names], dtype=np.int64))
+
+    return ClassificationSplits(split(*parts["train"]), split(*parts["test"]), classes)
+
+
+def read_digits(test_fraction: float = 0.5, seed: int = 1024, size: int = 32) -> ClassificationSplits:
+    """scikit-learn's handwritten digits (8x8, shipped offline), upscaled to ``size`` and split per class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    gray = np.clip(digits.images / 16.0 * 255.0, 0, 255).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR)) for g in gray])
+    train_x, test_x, train_y, test_y = train_test_split(_to_rgb(big), digits.target.astype(np.int64),
+                                                        test_size=test_fraction, random_state=seed,
+                                                        stratify=digits.target)
+    return ClassificationSplits(ClassSplit(train_x, train_y), ClassSplit(test_x, test_y),
+                                tuple(str(i) for i in range(10)))
+
+
+def one_vs_rest(data: ClassificationSplits, normal_class: str) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the normal class's training images, 0/1 test labels with every other class anomalous)."""
+    if normal_class not in data.classes:
+        raise DataError(f"class {normal_class!r} is not in the dataset; its classes are {', '.join(data.classes)}")
+    k = data.classes.index(normal_class)
+    train_idx = np.flatnonzero(data.train.labels == k)
+    if len(train_idx) == 0:
+        raise DataError(f"class {normal_class!r} has no training images")
+    return train_idx, (data.test.labels != k).astype(np.int64)
