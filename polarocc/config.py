@@ -6,6 +6,7 @@ sweep stops in the first stage instead of after feature extraction.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +341,7 @@ def check_backbone_known(params: Params) -> None:
 
     name = params.backbone.name
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise ConfigError(
             f"params key 'backbone.name': timm has no model named {name!r}"
             + (f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()")
