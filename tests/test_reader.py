@@ -74,3 +74,20 @@ def test_unreadable_image_is_named(tmp_path: Path) -> None:
     bad.write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"bad.png"):
         load_image(bad, Geometry(32, 32))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA"])
+def test_any_image_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
+    gray = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    if mode == "I;16":
+        img = Image.fromarray(gray.astype(np.uint16) * 257)  # full 16-bit range
+    elif mode == "P":
+        img = Image.fromarray(np.stack([gray] * 3, -1)).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    else:
+        img = Image.fromarray(np.stack([gray] * 3, -1)).convert(mode)
+    img.save(tmp_path / "x.png")
+    out = load_image(tmp_path / "x.png", Geometry(32, 32))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # the gray ramp survives the conversion (palette quantisation may shift levels a little)
+    assert np.abs(out[..., 0].astype(int) - gray).max() <= 8
+    assert np.array_equal(out[..., 0], out[..., 1])
