@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from polarocc.data.images import Geometry, load_image, load_mask
-from polarocc.data.mvtec import check_masks, read_split
+from polarocc.data.mvtec import check_files, read_split
 from polarocc.errors import DataError
 
 
@@ -23,7 +23,7 @@ def test_reads_layout(mvtec_tree: Path) -> None:
     assert sorted(s.defect_type for s in defective) == ["hole", "patch", "scratch", "stain"]
     for s in defective:
         assert s.mask_path == mvtec_tree / "brick" / "ground_truth" / s.defect_type / f"{s.path.stem}_mask.png"
-    check_masks(test)
+    check_files(test)
 
 
 def test_geometry_applies_to_images_and_masks(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_mask_size_mismatch(mvtec_tree: Path, tmp_path: Path) -> None:
     root = _copy_category(mvtec_tree, tmp_path)
     Image.new("L", (10, 10)).save(root / "brick/ground_truth/stain/000_mask.png")
     with pytest.raises(DataError, match=r"stain/000_mask.png is 10x10 but its image .* is 64x64"):
-        check_masks(read_split(root, "brick", "test"))
+        check_files(read_split(root, "brick", "test"))
 
 
 def test_empty_category_and_missing_split(tmp_path: Path) -> None:
@@ -91,3 +91,25 @@ def test_any_image_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
     # the gray ramp survives the conversion (palette quantisation may shift levels a little)
     assert np.abs(out[..., 0].astype(int) - gray).max() <= 8
     assert np.array_equal(out[..., 0], out[..., 1])
+
+
+def test_truncated_image_is_found_before_extraction(mvtec_tree: Path, tmp_path: Path) -> None:
+    from polarocc.features.extract import read_category
+
+    root = _copy_category(mvtec_tree, tmp_path)
+    victim = root / "brick/train/good/003.png"
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cannot read image .*train/good/003.png"):
+        read_category(root, "brick")
+
+
+def test_non_binary_mask_is_binarised_with_a_warning(mvtec_tree: Path, tmp_path: Path) -> None:
+    root = _copy_category(mvtec_tree, tmp_path)
+    mask_path = root / "brick/ground_truth/hole/000_mask.png"
+    soft = np.asarray(Image.open(mask_path)).astype(np.uint8) // 2  # values 0 and 127
+    soft[0, 0] = 30
+    Image.fromarray(soft).save(mask_path)
+    with pytest.warns(UserWarning, match=r"hole/000_mask.png is not binary .*binarised"):
+        check_files(read_split(root, "brick", "test"), progress=False)
+    mask = load_mask(mask_path, Geometry(64, 64))
+    assert mask.dtype == bool and mask.sum() == (soft > 0).sum()

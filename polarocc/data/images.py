@@ -29,7 +29,8 @@ class Geometry:
         return offset, offset, offset + self.crop, offset + self.crop
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file, naming the file when it cannot be read."""
     try:
         img = Image.open(path)
         img.load()
@@ -56,24 +57,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Path, geometry: Geometry) -> np.ndarray:
     """Read an image as uint8 RGB of shape (crop, crop, 3)."""
-    img = to_rgb(_open(path)).resize((geometry.resize, geometry.resize), Image.Resampling.BILINEAR)
+    img = to_rgb(open_image(path)).resize((geometry.resize, geometry.resize), Image.Resampling.BILINEAR)
     return np.asarray(img.crop(geometry.box()), dtype=np.uint8)
 
 
 def load_mask(path: Path, geometry: Geometry) -> np.ndarray:
     """Read a mask as a bool array (crop, crop); any non-zero pixel is defective."""
-    mask = _open(path)
+    mask = open_image(path)
     binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255)
     binary = binary.resize((geometry.resize, geometry.resize), Image.Resampling.NEAREST)
     return np.asarray(binary.crop(geometry.box())) > 0
 
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image, reading only its header."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError as exc:
-        raise DataError(f"image file {path} does not exist") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path} ({exc}); replace or remove the file") from exc

@@ -10,9 +10,13 @@ Layout::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from polarocc.data.images import image_size
+import numpy as np
+from tqdm import tqdm
+
+from polarocc.data.images import open_image
 from polarocc.data.samples import NORMAL_TYPE, Sample
 from polarocc.errors import DataError
 
@@ -62,13 +66,24 @@ def read_split(root: Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
-def check_masks(samples: list[Sample]) -> None:
-    """Check that each mask has its image's size, reading only file headers."""
-    for sample in samples:
-        if sample.mask_path is not None:
-            img, mask = image_size(sample.path), image_size(sample.mask_path)
-            if img != mask:
-                raise DataError(
-                    f"mask {sample.mask_path} is {mask[0]}x{mask[1]} but its image {sample.path} is "
-                    f"{img[0]}x{img[1]}; masks must have the image's size"
-                )
+def check_files(samples: list[Sample], progress: bool = True) -> None:
+    """Decode every image and mask once before any feature is computed.
+
+    Fails on an unreadable or truncated file and on a mask whose size differs from its image's; warns
+    (and later binarises, non-zero = defect) when a mask is not binary.
+    """
+    for sample in tqdm(samples, desc="  checking files", unit="image", disable=not progress or len(samples) < 200,
+                       leave=False):
+        img = open_image(sample.path)
+        if sample.mask_path is None:
+            continue
+        mask = open_image(sample.mask_path)
+        if img.size != mask.size:
+            raise DataError(
+                f"mask {sample.mask_path} is {mask.size[0]}x{mask.size[1]} but its image {sample.path} is "
+                f"{img.size[0]}x{img.size[1]}; masks must have the image's size"
+            )
+        values = np.unique(np.asarray(mask.convert("L")))
+        if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+            warnings.warn(f"mask {sample.mask_path} is not binary (values {values.min()}..{values.max()}); "
+                          "it is binarised: every non-zero pixel counts as defective", stacklevel=2)

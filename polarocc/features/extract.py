@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from polarocc.data.images import Geometry, load_image, load_mask
-from polarocc.data.mvtec import check_masks, read_split
+from polarocc.data.mvtec import check_files, read_split
 from polarocc.data.samples import Sample
 from polarocc.errors import NumericalError
 from polarocc.features import store as fs
@@ -29,9 +29,9 @@ def pick_device(requested: str) -> str:
 
 
 def read_category(root: Path, category: str) -> dict[str, list[Sample]]:
-    """Train and test samples of one MVTec-layout category, with mask sizes checked from headers."""
+    """Train and test samples of one MVTec-layout category, every file decoded and checked first."""
     samples = {split: read_split(root, category, split) for split in fs.SPLITS}
-    check_masks(samples["test"])
+    check_files(samples["train"] + samples["test"])
     return samples
 
 
