@@ -21,6 +21,7 @@ REDUCTIONS = ("max", "mean", "topk")
 PROJECTORS = ("conv1x1", "linear")
 TRAINERS = ("gram", "direct")
 DATASET_FORMATS = ("mvtec",)
+CLASSIFICATION_FORMATS = ("digits", "cifar10", "cifar100", "fashion_mnist", "image_folder")
 FEATURE_DTYPES = ("float16", "float32")
 COMPRESSORS = ("lz4", "zstd", "blosc", "none")
 
@@ -33,6 +34,27 @@ class DatasetConfig:
     path: Path
     categories: tuple[str, ...]
     format: str = "mvtec"
+
+
+@dataclass(frozen=True)
+class ClassificationDatasetConfig:
+    """A one-vs-rest dataset for Protocol A: every class in turn is normal."""
+
+    name: str
+    format: str
+    path: Path | None = None
+    classes: tuple[str, ...] | str = "all"
+
+
+@dataclass(frozen=True)
+class ProtocolAConfig:
+    """Protocol A: penultimate pooled features, one class normal, the rest anomalous (paper: 20 epochs, batch 64)."""
+
+    datasets: dict[str, ClassificationDatasetConfig] = field(default_factory=dict)
+    resize: int = 224
+    crop: int = 224
+    epochs: int = 20
+    batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -139,6 +161,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    protocol_a: ProtocolAConfig = field(default_factory=ProtocolAConfig)
     root: Path = Path(".")
 
     def variants(self) -> list[tuple[str, float]]:
@@ -165,7 +188,7 @@ def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
     for key, value in raw.items():
         if isinstance(value, list):
             value = tuple(value)
-        if key in ("path", "output"):
+        if key in ("path", "output") and value is not None:
             value = Path(value)
         values[key] = value
     try:
@@ -214,8 +237,16 @@ def parse_params(raw: dict[str, Any], root: Path | str = ".") -> Params:
         datasets[name] = _build(DatasetConfig, {"name": name, **entry}, f"datasets.{name}")
         _choice(datasets[name].format, DATASET_FORMATS, f"datasets.{name}.format")
 
+    raw_a = dict(_section(raw, "protocol_a"))
+    a_datasets = {}
+    for name, entry in (raw_a.pop("datasets", None) or {}).items():
+        _require(isinstance(entry, dict), f"protocol_a.datasets.{name}", "must be a mapping with format (and path)")
+        _require(name not in datasets, f"protocol_a.datasets.{name}",
+                 "has the name of a Protocol B dataset; each dataset needs its own name")
+        a_datasets[name] = _build(ClassificationDatasetConfig, {"name": name, **entry}, f"protocol_a.datasets.{name}")
     params = Params(
         datasets=datasets,
+        protocol_a=_build(ProtocolAConfig, {**raw_a, "datasets": a_datasets}, "protocol_a"),
         textures=_build(TexturesConfig, _section(raw, "textures"), "textures"),
         backbone=_build(BackboneConfig, _section(raw, "backbone"), "backbone"),
         extract=_build(ExtractConfig, _section(raw, "extract"), "extract"),
@@ -283,6 +314,18 @@ def _validate_values(p: Params) -> None:
     _positive_int(s.topk, "score.topk")
     _choice(s.device, ("auto", "cpu", "cuda"), "score.device")
 
+    a = p.protocol_a
+    for key in ("resize", "crop", "epochs", "batch_size"):
+        _positive_int(getattr(a, key), f"protocol_a.{key}")
+    _require(a.crop <= a.resize, "protocol_a.crop", f"({a.crop}) must not exceed protocol_a.resize ({a.resize})")
+    for ds in a.datasets.values():
+        key = f"protocol_a.datasets.{ds.name}"
+        _choice(ds.format, CLASSIFICATION_FORMATS, f"{key}.format")
+        _require(ds.format == "digits" or ds.path is not None, f"{key}.path",
+                 f"is missing: set the folder holding the {ds.format} files")
+        _require(ds.classes == "all" or (isinstance(ds.classes, tuple) and len(ds.classes) > 0),
+                 f"{key}.classes", "must be 'all' or a non-empty list of class names")
+
     _require(len(p.sweep.norms) > 0, "sweep.norms", "must list at least one norm")
     for i, norm in enumerate(p.sweep.norms):
         validate_norm(norm, f"sweep.norms[{i}]")
@@ -333,6 +376,16 @@ def check_datasets_exist(params: Params) -> None:
                     f"params key 'datasets.{ds.name}.categories': category '{cat}' is not a folder of {root}; "
                     f"found {', '.join(present) or 'nothing'}"
                 )
+
+
+def check_protocol_a_paths(params: Params) -> None:
+    """Fail early when a Protocol A dataset folder is missing."""
+    for ds in params.protocol_a.datasets.values():
+        if ds.path is not None and not resolve(params, ds.path).exists():
+            raise ConfigError(
+                f"params key 'protocol_a.datasets.{ds.name}.path': {resolve(params, ds.path)} does not exist; "
+                f"put the {ds.format} files there (see README, 'Dataset formats') or fix the path"
+            )
 
 
 def check_backbone_known(params: Params) -> None:

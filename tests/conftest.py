@@ -31,6 +31,8 @@ def params_dict(default_params: dict, tmp_path: Path) -> dict:
     raw["extract"].update(shard_images=4, batch_size=4)
     raw["train"].update(epochs=3, batch_size=4)
     raw["sweep"] = {"norms": [1, 8], "distributions": ["normal", "ones"]}
+    raw["protocol_a"].update(resize=32, crop=32, epochs=2)
+    raw["protocol_a"]["datasets"]["digits"]["classes"] = ["0", "7"]
     return raw
 
 

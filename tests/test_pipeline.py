@@ -39,15 +39,22 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     _run(["dvc", "init", "-q"], project)
 
     first = _stages_run(_run(["dvc", "repro"], project))
-    assert {"prepare", "extract@textures", "train@1", "train@8", "score@1", "score@8", "aggregate"} <= first
+    assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
+            "aggregate"} <= first
 
     table = pl.read_csv(project / "reports/results.csv")
-    assert table.height == 2 * 2 * 2  # categories x distributions x norms
-    assert set(table["protocol"]) == {"B"}
+    assert table.height == (2 + 2) * 2 * 2  # (categories + digit classes) x distributions x norms
+    digits = table.filter(pl.col("protocol") == "A")
+    assert set(digits["dataset"]) == {"digits"} and set(digits["category"]) == {"0", "7"}
+    assert digits["pixel_auroc"].null_count() == digits.height
+    table = table.filter(pl.col("protocol") == "B")
     assert table["image_auroc"].is_between(0, 1).all() and table["pixel_auroc"].is_between(0, 1).all()
     metrics = json.loads((project / "reports/metrics.json").read_text())
     headline = table.filter((pl.col("distribution") == "normal") & (pl.col("norm") == 1.0))
     assert metrics["textures"]["image_auroc"] == pytest.approx(headline["image_auroc"].mean(), abs=1e-4)
+    digits_headline = digits.filter((pl.col("distribution") == "normal") & (pl.col("norm") == 1.0))
+    assert metrics["digits"]["image_auroc"] == pytest.approx(digits_headline["image_auroc"].mean(), abs=1e-4)
+    assert "pixel_auroc" not in metrics["digits"]
     assert (project / "reports/plots/norm_sweep.png").stat().st_size > 10_000
     model = project / "models/norm-8/ones/textures/brick.pt"
     assert model.is_file()
@@ -58,4 +65,5 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     second = _stages_run(_run(["dvc", "repro"], project))
     assert second == {"train@3", "score@3", "aggregate"}
     table = pl.read_csv(project / "reports/results.csv")
-    assert sorted(set(table["norm"])) == [1.0, 3.0]  # the dropped norm 8 leaves no stale rows
+    assert sorted(set(table["norm"])) == [1.0, 3.0]
+    assert table.height == (2 + 2) * 2 * 2  # the dropped norm 8 leaves no stale rows

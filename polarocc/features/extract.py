@@ -52,8 +52,9 @@ class CategoryExtractor:
     """Runs the extractor over one category's shards and writes them to a partial store."""
 
     def __init__(self, extractor: FeatureExtractor, geometry: Geometry, batch_size: int, dtype: str,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", loader: Callable[[list[Sample]], np.ndarray] | None = None) -> None:
         self.extractor = extractor.to(device)
+        self.loader = loader
         self.geometry = geometry
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
@@ -61,6 +62,8 @@ class CategoryExtractor:
 
     def load(self, samples: list[Sample]) -> np.ndarray:
         """uint8 images (B, crop, crop, 3)."""
+        if self.loader is not None:
+            return self.loader(samples)
         return np.stack([load_image(s.path, self.geometry) for s in samples])
 
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -71,15 +74,15 @@ class CategoryExtractor:
             out.append(self.extractor(batch).float().cpu().numpy().astype(self.dtype))
         return np.concatenate(out)
 
-    def write(self, arrays, split: str, shard: int, shard_size: int, items: list[Sample], feats: np.ndarray) -> None:
+    def write(self, arrays, shard: int, shard_size: int, items: list[Sample], feats: np.ndarray) -> None:
         """Write one shard's features and statistics (train) or masks (test), then mark it done."""
         sl = slice(shard * shard_size, shard * shard_size + len(items))
         arrays["features"][sl] = feats
-        if split == "train":
+        if "gram" in arrays:
             gram, sums = gram_and_sums(feats)
             arrays["gram"][sl] = gram
             arrays["sums"][sl] = sums
-        else:
+        if "masks" in arrays:
             arrays["masks"][sl] = np.stack([
                 load_mask(s.mask_path, self.geometry) if s.mask_path is not None
                 else np.zeros((self.geometry.crop,) * 2, dtype=bool) for s in items
@@ -125,7 +128,7 @@ class CategoryExtractor:
                 _check_finite(feats, items)
                 if written is not None:
                     settle()
-                written = (k, writer.submit(self.write, arrays, split, k, size, items, feats))
+                written = (k, writer.submit(self.write, arrays, k, size, items, feats))
             if written is not None:
                 settle()
         return computed

@@ -41,7 +41,13 @@ def fingerprint(payload: dict[str, Any]) -> str:
 
 
 def file_signature(path: Path) -> list[Any]:
-    """(path, size, content hash) of a file: the same in every clone, unlike a modification time."""
+    """(path, size, content hash) of a file: the same in every clone, unlike a modification time.
+
+    A sample that is not a file (an image held in an array) is named only; its content enters the
+    fingerprint through the caller's digest.
+    """
+    if not Path(path).is_file():
+        return [str(path)]
     data = Path(path).read_bytes()
     return [str(path), len(data), hashlib.sha256(data).hexdigest()[:16]]
 
@@ -68,6 +74,7 @@ class StoreLayout:
     shard_images: int = 16
     compressor: str = "zstd"
     level: int = 3
+    image_level: bool = False  # Protocol A: no Gram statistics (one position per image) and no masks
 
 
 def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, shard: int,
@@ -100,6 +107,8 @@ def create_or_resume(path: Path, fp: str, layout: StoreLayout, samples: dict[str
         per_shard = min(shard, n)
         _create(sub, "features", (n, c, h, w), layout.dtype, per_shard, layout, per_image_chunks=True)
         sub.create_array("done", shape=(-(-n // per_shard),), dtype="bool", chunks=(1,), fill_value=False)
+        if layout.image_level:
+            continue
         if split == "train":
             _create(sub, "gram", (n, c, c), "float64", per_shard, layout, per_image_chunks=False)
             _create(sub, "sums", (n, c), "float64", per_shard, layout, per_image_chunks=False)

@@ -79,9 +79,7 @@ class FeatureExtractor(nn.Module):
                            tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
 
-def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: str = "package",
-                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> FeatureExtractor:
-    """Create the frozen extractor; ``weights`` is 'package', 'hub', 'none' (random) or a file path."""
+def _create(name: str, weights: str, **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -91,10 +89,10 @@ def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: 
     else:
         pretrained, overlay = resolve_weights(name, weights)
     try:
-        backbone = timm.create_model(name, features_only=True, out_indices=tuple(layers), pretrained=pretrained,
-                                     pretrained_cfg_overlay=overlay or None)
+        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay or None, **kwargs)
     except IndexError as exc:
-        raise ConfigError(f"params key 'backbone.layers': {list(layers)} is out of range for {name}") from exc
+        raise ConfigError(f"params key 'backbone.layers': {kwargs.get('out_indices')} is out of range for {name}") \
+            from exc
     except (OSError, RuntimeError) as exc:
         if weights == "hub":
             raise WeightsError(
@@ -102,5 +100,36 @@ def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: 
                 "a local weights file, or use backbone.name tf_efficientnet_lite0 with backbone.weights package"
             ) from exc
         raise WeightsError(f"could not load weights {weights!r} into {name!r}: {exc}") from exc
+
+
+def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: str = "package",
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> FeatureExtractor:
+    """Create the frozen extractor; ``weights`` is 'package', 'hub', 'none' (random) or a file path."""
+    backbone = _create(name, weights, features_only=True, out_indices=tuple(layers))
     cfg = backbone.pretrained_cfg
     return FeatureExtractor(backbone, pool, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))
+
+
+class PooledExtractor(FeatureExtractor):
+    """Protocol A: the penultimate features (global-average-pooled, before the classifier) as (N, C, 1, 1)."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(model, 1, mean, std)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.forward_features(self.normalize(images))
+        return self.backbone.forward_head(x, pre_logits=True)[:, :, None, None]
+
+    def spec(self, crop: int) -> FeatureSpec:
+        """C x 1 x 1, C = the model's pooled feature width (1280 for Lite0, 2048 for ResNet152)."""
+        return FeatureSpec(int(self.backbone.num_features), 1, 1, tuple(self.mean.flatten().tolist()),
+                           tuple(self.std.flatten().tolist()))
+
+
+def build_pooled_extractor(name: str, weights: str = "package", mean: tuple[float, ...] | None = None,
+                           std: tuple[float, ...] | None = None) -> PooledExtractor:
+    """The whole frozen classifier network, read out before its last linear layer."""
+    model = _create(name, weights)
+    cfg = model.pretrained_cfg
+    return PooledExtractor(model, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))

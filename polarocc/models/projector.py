@@ -42,6 +42,8 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
+        if features.shape[-2:] == (1, 1):  # one position per image (Protocol A): a plain matrix product
+            return nn.functional.linear(features.flatten(1), self.weight, self.bias)[:, :, None, None]
         if self.kind == "conv1x1":
             return nn.functional.conv2d(features, self.weight[:, :, None, None], self.bias)
         return nn.functional.linear(features.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)

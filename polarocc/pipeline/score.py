@@ -13,7 +13,7 @@ from polarocc.config import Params, ScoreConfig, validate_norm
 from polarocc.features.extract import pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
+from polarocc.pipeline import paths, protocol_a
 from polarocc.pipeline.train import load_model
 from polarocc.scoring.maps import score_batch
 from polarocc.scoring.metrics import image_auroc, pixel_auroc
@@ -44,6 +44,7 @@ def category_metrics(store: FeatureStore, scores: np.ndarray, maps: np.ndarray, 
     samples = store.samples("test")
     labels = np.array([s.label for s in samples])
     return {
+        "protocol": "B",
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc(masks, maps),
         "n_test": len(samples),
@@ -75,6 +76,9 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
         for distribution, (scores, maps) in zip(params.sweep.distributions, outputs, strict=True):
             results.setdefault(distribution, {}).setdefault(dataset, {})[category] = category_metrics(
                 store, scores, maps, masks)
+    for distribution, per_dataset in protocol_a.score_all(params, norm, load_model).items():
+        for dataset, per_class in per_dataset.items():
+            results.setdefault(distribution, {}).setdefault(dataset, {}).update(per_class)
     out = paths.norm_scores(params, norm)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"norm": norm, "device": device, "results": results}, indent=1))

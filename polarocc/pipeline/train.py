@@ -15,7 +15,7 @@ from polarocc.config import Params, validate_norm
 from polarocc.features.store import FeatureStore
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
+from polarocc.pipeline import paths, protocol_a
 from polarocc.training.certify import certified_min_distance_sq
 from polarocc.training.direct import train_direct
 from polarocc.training.gram import ShortcutInvalid, train_gram
@@ -111,6 +111,14 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
                     "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
             save_model(paths.model_file(params, norm, distribution, dataset, category), projector, center, meta)
             histories.setdefault(distribution, {}).setdefault(dataset, {})[category] = history.to_dict()
+    for distribution, dataset, name, store, projector, center, history in protocol_a.fit_all(params, norm):
+        meta = {"protocol": "A", "distribution": distribution, "norm": norm, "dataset": dataset, "category": name,
+                "store_fingerprint": store.attrs["fingerprint"], "backbone": store.attrs["backbone"],
+                "geometry": store.attrs["geometry"], "train": vars(params.train).copy(),
+                "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
+        save_model(paths.model_file(params, norm, distribution, dataset, protocol_a.class_slug(name)), projector,
+                   center, meta)
+        histories.setdefault(distribution, {}).setdefault(dataset, {})[name] = history.to_dict()
     out = paths.model_dir(params, norm) / "history.json"
     out.write_text(json.dumps(histories, indent=1))
     return histories

@@ -19,6 +19,9 @@ def norm_sweep_plot(means: pl.DataFrame, out: Path, default_norm: float | None =
         ds = means.filter(pl.col("dataset") == dataset)
         for col, metric in enumerate(("image_auroc", "pixel_auroc")):
             ax = axes[row][col]
+            if ds[metric].null_count() == ds.height:  # Protocol A has no pixel metric
+                ax.set_axis_off()
+                continue
             for distribution in ds["distribution"].unique(maintain_order=True).to_list():
                 part = ds.filter(pl.col("distribution") == distribution).sort("norm")
                 ax.plot(part["norm"].to_list(), part[metric].to_list(), marker="o", label=distribution)

@@ -26,14 +26,15 @@ def results_table(params: Params) -> pl.DataFrame:
         if distribution not in payloads[norm]:
             raise KeyError(f"scores of norm {norm:g} hold no distribution {distribution!r}; rerun dvc repro score")
         for dataset, categories in payloads[norm][distribution].items():
-            if dataset not in params.datasets:
+            if dataset not in params.datasets and dataset not in params.protocol_a.datasets:
                 continue
             for category, m in categories.items():
-                if category not in params.datasets[dataset].categories:
+                if dataset in params.datasets and category not in params.datasets[dataset].categories:
                     continue
                 rows.append({
-                    "protocol": "B", "dataset": dataset, "category": category, "distribution": distribution,
-                    "norm": float(norm), "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
+                    "protocol": m.get("protocol", "B"), "dataset": dataset, "category": category,
+                    "distribution": distribution, "norm": float(norm), "image_auroc": m["image_auroc"],
+                    "pixel_auroc": m["pixel_auroc"],
                     "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
                     "backbone": params.backbone.name, "layers": "-".join(map(str, params.backbone.layers)),
                     "projector": params.projector.kind, "bias": params.projector.bias,
@@ -42,21 +43,21 @@ def results_table(params: Params) -> pl.DataFrame:
                     "weight_decay": params.train.weight_decay, "sigma": float(params.score.sigma),
                     "reduction": params.score.reduction, "center_seed": params.center.seed,
                 })
-    return pl.DataFrame(rows).sort(KEYS)
+    return pl.DataFrame(rows, schema_overrides={"pixel_auroc": pl.Float64}).sort(KEYS)
 
 
 def sweep_means(table: pl.DataFrame) -> pl.DataFrame:
     """Mean AUROC over categories per dataset, distribution and norm."""
-    return (table.group_by(["dataset", "distribution", "norm"])
+    return (table.group_by(["protocol", "dataset", "distribution", "norm"])
             .agg(pl.col("image_auroc").mean(), pl.col("pixel_auroc").mean(), pl.len().alias("categories"))
-            .sort(["dataset", "distribution", "norm"]))
+            .sort(["protocol", "dataset", "distribution", "norm"]))
 
 
 def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
     """The few numbers ``dvc exp show`` displays: the default variant per dataset plus sweep summaries."""
     means = sweep_means(table)
     metrics: dict[str, dict] = {}
-    for dataset in params.datasets:
+    for dataset in [*params.datasets, *params.protocol_a.datasets]:
         ds = means.filter(pl.col("dataset") == dataset)
         default = ds.filter((pl.col("distribution") == params.center.distribution)
                             & (pl.col("norm") == float(params.center.norm)))
@@ -65,11 +66,13 @@ def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
         by_norm = ds.group_by("norm").agg(pl.col("image_auroc").mean()).sort("norm")
         entry = {
             "image_auroc": round(default["image_auroc"].item(), 4),
-            "pixel_auroc": round(default["pixel_auroc"].item(), 4),
+            "pixel_auroc": None if default["pixel_auroc"].item() is None else round(default["pixel_auroc"].item(), 4),
             "distribution_spread": round(at_default_norm.max() - at_default_norm.min(), 4),
             "largest_norm_image_auroc": round(largest["image_auroc"].mean(), 4),
             # Analysis of the sweep on test labels: never used to choose the reported model.
             "sweep_peak_norm": float(by_norm.sort(["image_auroc", "norm"], descending=[True, False])["norm"][0]),
         }
+        if entry["pixel_auroc"] is None:  # Protocol A: image-level only
+            del entry["pixel_auroc"]
         metrics[dataset] = entry
     return metrics

@@ -1,0 +1,197 @@
+"""Protocol A (image one-class classification): pooled features, one class normal, the rest anomalous."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polarocc.config import (
+    ClassificationDatasetConfig,
+    Params,
+    check_backbone_known,
+    check_protocol_a_paths,
+    resolve,
+)
+from polarocc.data.classification import (
+    ClassificationSplits,
+    ClassSplit,
+    read_cifar10,
+    read_cifar100,
+    read_digits,
+    read_fashion_mnist,
+    read_image_folder,
+)
+from polarocc.data.images import Geometry, load_image
+from polarocc.data.samples import Sample
+from polarocc.errors import DataError
+from polarocc.features import store as fs
+from polarocc.features.extract import CategoryExtractor, extract_category, pick_device
+from polarocc.features.store import FeatureStore
+from polarocc.models.backbone import build_pooled_extractor
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.pipeline import paths
+from polarocc.scoring.maps import distance_maps
+from polarocc.training.direct import train_direct
+from polarocc.training.schedule import TrainHistory
+
+STORE_NAME = "images"
+
+
+def load_dataset(params: Params, ds: ClassificationDatasetConfig) -> ClassificationSplits:
+    """Read a Protocol A dataset from its path (or, for digits, from scikit-learn)."""
+    if ds.format == "digits":
+        return read_digits(seed=params.center.seed)
+    root = resolve(params, ds.path)
+    readers = {"cifar10": read_cifar10, "cifar100": read_cifar100, "fashion_mnist": read_fashion_mnist,
+               "image_folder": read_image_folder}
+    return readers[ds.format](root)
+
+
+def selected_classes(data: ClassificationSplits, ds: ClassificationDatasetConfig) -> list[str]:
+    """The classes that take a turn as the normal class."""
+    if ds.classes == "all":
+        return list(data.classes)
+    missing = [c for c in ds.classes if c not in data.classes]
+    if missing:
+        raise DataError(f"params key 'protocol_a.datasets.{ds.name}.classes': {', '.join(missing)} not in the "
+                        f"dataset; its classes are {', '.join(data.classes)}")
+    return list(ds.classes)
+
+
+def class_slug(name: str) -> str:
+    """A file-name-safe spelling of a class name ('T-shirt/top' -> 'T-shirt_top')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _samples(split: ClassSplit, classes: tuple[str, ...], split_name: str) -> list[Sample]:
+    if isinstance(split.images, list):
+        return [Sample(p, int(y), classes[int(y)]) for p, y in zip(split.images, split.labels, strict=True)]
+    return [Sample(Path(f"{split_name}/{i}"), int(y), classes[int(y)]) for i, y in enumerate(split.labels)]
+
+
+def _array_loader(data: ClassificationSplits, geometry: Geometry):
+    def load(samples: list[Sample]) -> np.ndarray:
+        out = []
+        for s in samples:
+            if s.path.parent.name in ("train", "test") and not s.path.is_file():
+                image = getattr(data, s.path.parent.name).images[int(s.path.name)]
+                img = Image.fromarray(image).resize((geometry.resize,) * 2, Image.Resampling.BILINEAR)
+                out.append(np.asarray(img.crop(geometry.box())))
+            else:
+                out.append(load_image(s.path, geometry))
+        return np.stack(out)
+
+    return load
+
+
+def _digest(data: ClassificationSplits) -> str:
+    """Content hash of in-memory images and labels (file-based images are hashed per file)."""
+    h = hashlib.sha256()
+    for split in (data.train, data.test):
+        if not isinstance(split.images, list):
+            h.update(np.ascontiguousarray(split.images).tobytes())
+        h.update(split.labels.tobytes())
+    return h.hexdigest()[:24]
+
+
+def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[str, int]:
+    """Pooled features of every train and test image of a Protocol A dataset into one store."""
+    if dataset not in params.protocol_a.datasets:
+        raise DataError(f"dataset {dataset!r} is not declared under params key 'protocol_a.datasets'")
+    check_backbone_known(params)
+    check_protocol_a_paths(params)
+    ds = params.protocol_a.datasets[dataset]
+    data = load_dataset(params, ds)
+    selected_classes(data, ds)
+    samples = {"train": _samples(data.train, data.classes, "train"), "test": _samples(data.test, data.classes, "test")}
+    b, e, a = params.backbone, params.extract, params.protocol_a
+    geometry = Geometry(a.resize, a.crop)
+    extractor = build_pooled_extractor(b.name, b.weights, b.mean, b.std)
+    spec = extractor.spec(a.crop)
+    layout = fs.StoreLayout(spec.channels, 1, 1, a.crop, "float32", max(e.shard_images, 64), e.compressor, e.level,
+                            image_level=True)
+    runner = CategoryExtractor(extractor, geometry, e.batch_size, "float32", pick_device(e.device),
+                               loader=_array_loader(data, geometry))
+    backbone = {"name": b.name, "weights": b.weights, "pooled": True, "mean": list(spec.mean),
+                "std": list(spec.std), "classes": list(data.classes), "dataset_format": ds.format,
+                "data_digest": _digest(data)}
+    return extract_category(runner, samples, layout, backbone, paths.feature_store(params, dataset, STORE_NAME),
+                            paths.partial_store(params, dataset, STORE_NAME), progress)
+
+
+def load_split(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All pooled features (N, C, 1, 1) float32 and class indices (N,) of a split, read once."""
+    features = np.asarray(store.features(split)[:], dtype=np.float32)
+    return features, np.array([s.label for s in store.samples(split)], dtype=np.int64)
+
+
+def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
+              distribution: str) -> tuple[Projector, torch.Tensor, TrainHistory]:
+    """Train on one class's training images (direct trainer: one feature vector per image)."""
+    own = features[labels == label]
+    if len(own) == 0:
+        raise DataError(f"class index {label} has no training images")
+    mean = own.mean(axis=(0, 2, 3)) if distribution == "feature_mean" else None
+    center = make_center(distribution, norm, own.shape[1], params.center.seed, feature_mean=mean)
+    cfg = replace(params.train, epochs=params.protocol_a.epochs, batch_size=params.protocol_a.batch_size)
+    projector = Projector(own.shape[1], params.projector.kind, params.projector.bias, seed=cfg.seed)
+    history = train_direct(projector, center, lambda idx: own[np.sort(idx)], len(own), cfg)
+    return projector, center, history
+
+
+@torch.no_grad()
+def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector: Projector, center: torch.Tensor,
+                squared: bool = True) -> dict:
+    """Image ROC AUC of one-vs-rest: the normal class against every other test image."""
+    from polarocc.scoring.metrics import image_auroc
+
+    scores = distance_maps(projector, center, torch.from_numpy(features), squared)[:, 0, 0].numpy()
+    anomalous = (labels != label).astype(np.int64)
+    return {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
+            "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
+
+
+def chosen_classes(store: FeatureStore, ds: ClassificationDatasetConfig) -> list[tuple[str, int]]:
+    """(name, index) of each class that takes a turn as the normal class."""
+    classes = list(store.attrs["backbone"]["classes"])
+    wanted = classes if ds.classes == "all" else list(ds.classes)
+    missing = [c for c in wanted if c not in classes]
+    if missing:
+        raise DataError(f"params key 'protocol_a.datasets.{ds.name}.classes': {', '.join(missing)} not in the "
+                        f"dataset; its classes are {', '.join(classes)}")
+    return [(name, classes.index(name)) for name in wanted]
+
+
+def fit_all(params: Params, norm: float):
+    """Yield (distribution, dataset, class name, store, projector, center, history) for every Protocol A model."""
+    for dataset, ds in params.protocol_a.datasets.items():
+        store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
+        features, labels = load_split(store, "train")
+        for name, label in chosen_classes(store, ds):
+            for distribution in params.sweep.distributions:
+                yield (distribution, dataset, name, store,
+                       *fit_class(features, labels, label, params, norm, distribution))
+
+
+def score_all(params: Params, norm: float, load_model) -> dict:
+    """results[distribution][dataset][class] of every Protocol A model at ``norm``."""
+    results: dict[str, dict] = {}
+    for dataset, ds in params.protocol_a.datasets.items():
+        store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
+        features, labels = load_split(store, "test")
+        for name, label in chosen_classes(store, ds):
+            for distribution in params.sweep.distributions:
+                path = paths.model_file(params, norm, distribution, dataset, class_slug(name))
+                projector, center, meta = load_model(path)
+                if meta["store_fingerprint"] != store.attrs["fingerprint"]:
+                    raise RuntimeError(f"model {path} was trained on other features; rerun the train stage")
+                results.setdefault(distribution, {}).setdefault(dataset, {})[name] = score_class(
+                    features, labels, label, projector, center, params.score.squared)
+    return results

@@ -1,0 +1,71 @@
+"""Protocol A: pooled features, one-vs-rest training and scoring."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from polarocc.config import parse_params
+from polarocc.errors import ConfigError
+from polarocc.models.backbone import build_pooled_extractor
+from polarocc.models.projector import Projector
+from polarocc.pipeline.protocol_a import class_slug, fit_class, score_class
+
+
+def test_pooled_features_are_the_penultimate_layer() -> None:
+    extractor = build_pooled_extractor("tf_efficientnet_lite0")
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    features = extractor(images)
+    assert features.shape == (2, 1280, 1, 1) and extractor.spec(64).channels == 1280
+    # the classifier applied to these features gives the network's own logits
+    with torch.no_grad():
+        logits = extractor.backbone(extractor.normalize(images))
+        torch.testing.assert_close(extractor.backbone.classifier(features.flatten(1)), logits)
+
+
+def test_one_vs_rest_separates_clusters(default_params: dict) -> None:
+    raw = copy.deepcopy(default_params)
+    raw["train"]["lr"] = 0.01  # a budget large enough to pull the normal class onto the center
+    raw["protocol_a"]["epochs"] = 100
+    params = parse_params(raw)
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(3, 16)) * 3
+    train_labels = np.repeat(np.arange(3), 40)
+    test_labels = np.repeat(np.arange(3), 20)
+    train = (means[train_labels] + rng.normal(size=(120, 16)))[:, :, None, None].astype(np.float32)
+    test = (means[test_labels] + rng.normal(size=(60, 16)))[:, :, None, None].astype(np.float32)
+    for label in range(3):
+        projector, center, history = fit_class(train, train_labels, label, params, 1.0, "normal")
+        assert history.steps == 100  # 40 images fit one batch of 64: one step per epoch
+        assert history.loss[-1] < history.loss[0] / 10
+        result = score_class(test, test_labels, label, projector, center)
+        assert result["protocol"] == "A" and result["n_anomalous"] == 40 and result["pixel_auroc"] is None
+        assert result["image_auroc"] > 0.9
+
+
+def test_projector_on_single_positions_matches_conv() -> None:
+    projector = Projector(6)
+    x = torch.randn(4, 6, 1, 1)
+    expected = torch.nn.functional.conv2d(x, projector.weight[:, :, None, None], projector.bias)
+    torch.testing.assert_close(projector(x), expected)
+
+
+def test_class_slug() -> None:
+    assert class_slug("T-shirt/top") == "T-shirt_top" and class_slug("7") == "7"
+
+
+def test_protocol_a_params(default_params: dict, tmp_path: Path) -> None:
+    raw = copy.deepcopy(default_params)
+    raw["protocol_a"]["datasets"]["cifar"] = {"format": "cifar10", "path": None}
+    with pytest.raises(ConfigError, match=r"protocol_a.datasets.cifar.path"):
+        parse_params(raw)
+    raw["protocol_a"]["datasets"]["cifar"] = {"format": "svhn", "path": "x"}
+    with pytest.raises(ConfigError, match=r"protocol_a.datasets.cifar.format"):
+        parse_params(raw)
+    raw["protocol_a"]["datasets"] = {"textures": {"format": "digits"}}
+    with pytest.raises(ConfigError, match=r"name of a Protocol B dataset"):
+        parse_params(raw)
