@@ -235,6 +235,9 @@ def parse_params(raw: dict[str, Any], root: Path | str = ".") -> Params:
         _require(isinstance(cats, list) and len(cats) > 0 and all(isinstance(c, str) for c in cats),
                  f"datasets.{name}.categories", "must be a non-empty list of category folder names")
         datasets[name] = _build(DatasetConfig, {"name": name, **entry}, f"datasets.{name}")
+        _require(datasets[name].format not in CLASSIFICATION_FORMATS, f"datasets.{name}.format",
+                 f"{datasets[name].format} has class labels but no pixel masks, and 'datasets' is for Protocol B "
+                 "(detection and segmentation): declare it under protocol_a.datasets instead")
         _choice(datasets[name].format, DATASET_FORMATS, f"datasets.{name}.format")
 
     raw_a = dict(_section(raw, "protocol_a"))

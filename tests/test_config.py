@@ -94,3 +94,10 @@ def test_stage_stops_on_bad_params_before_work(params_dict: dict, tmp_path: Path
     assert result.returncode == 2
     assert "sweep.norms[1]" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_protocol_dataset_mismatch(default_params: dict) -> None:
+    raw = copy.deepcopy(default_params)
+    raw["datasets"]["cifar"] = {"format": "cifar10", "path": "x", "categories": ["cat"]}
+    with pytest.raises(ConfigError, match=r"datasets.cifar.format.*no pixel masks.*protocol_a.datasets"):
+        parse_params(raw)

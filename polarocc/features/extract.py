@@ -28,10 +28,11 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def read_category(root: Path, category: str) -> dict[str, list[Sample]]:
-    """Train and test samples of one MVTec-layout category, every file decoded and checked first."""
+def read_category(root: Path, category: str, check: bool = True, progress: bool = True) -> dict[str, list[Sample]]:
+    """Train and test samples of one MVTec-layout category; with ``check``, every file is decoded first."""
     samples = {split: read_split(root, category, split) for split in fs.SPLITS}
-    check_files(samples["train"] + samples["test"])
+    if check:
+        check_files(samples["train"] + samples["test"], progress)
     return samples
 
 

@@ -15,8 +15,12 @@ from polarocc.models.backbone import build_extractor
 from polarocc.pipeline import paths
 
 
-def run_extract(params: Params, dataset: str, progress: bool = True) -> dict[str, dict[str, int]]:
-    """Extract every category of ``dataset``; returns shards computed per category and split."""
+def run_extract(params: Params, dataset: str, progress: bool = True,
+                check_files: bool = True) -> dict[str, dict[str, int]]:
+    """Extract every category of ``dataset``; returns shards computed per category and split.
+
+    ``check_files=False`` skips decoding every file first, for when the ``check`` stage just did.
+    """
     if dataset not in params.datasets:
         raise ConfigError(f"dataset {dataset!r} is not declared under params key 'datasets'")
     check_backbone_known(params)
@@ -24,7 +28,7 @@ def run_extract(params: Params, dataset: str, progress: bool = True) -> dict[str
     ds = params.datasets[dataset]
     root = paths.dataset_root(params, dataset)
     # Read and check every category's file list before the backbone runs on any of them.
-    samples = {cat: read_category(root, cat) for cat in ds.categories}
+    samples = {cat: read_category(root, cat, check=check_files, progress=progress) for cat in ds.categories}
 
     b, e = params.backbone, params.extract
     geometry = Geometry(b.resize, b.crop)

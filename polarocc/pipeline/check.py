@@ -1,0 +1,40 @@
+"""Stage ``check``: decode and validate every file of a dataset before its features are extracted.
+
+Running this as its own stage means a bad file stops ``dvc repro`` before the ``extract`` stage starts,
+so DVC never clears the previous feature stores for an input that cannot be used.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+from polarocc.config import Params, check_datasets_exist
+from polarocc.errors import ConfigError
+from polarocc.features.extract import read_category
+from polarocc.pipeline import paths
+
+
+def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
+    """Read and check every category of a Protocol B dataset; write reports/checks/<dataset>.json."""
+    if dataset not in params.datasets:
+        raise ConfigError(f"dataset {dataset!r} is not declared under params key 'datasets'")
+    check_datasets_exist(params)
+    root = paths.dataset_root(params, dataset)
+    summary: dict[str, dict] = {}
+    for category in params.datasets[dataset].categories:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            samples = read_category(root, category, progress=progress)
+        for w in caught:
+            print(f"warning: {w.message}")
+        summary[category] = {
+            "train": len(samples["train"]),
+            "test": len(samples["test"]),
+            "test_anomalous": sum(s.label for s in samples["test"]),
+            "warnings": [str(w.message) for w in caught],
+        }
+    out = paths.reports(params) / "checks" / f"{dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
