@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -60,6 +61,23 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
         if per_category else sweep_means(table)
     with pl.Config(tbl_rows=-1, tbl_cols=-1, float_precision=4):
         typer.echo(shown)
+
+
+@app.command("convert-visa")
+def convert_visa_command(
+    root: Annotated[Path, typer.Argument(help="the original VisA folder (holding split_csv/1cls.csv)")],
+    out: Annotated[Path, typer.Argument(help="where to write the MVTec-layout copy")],
+    category: Annotated[list[str] | None, typer.Option("--category", "-c", help="only these objects")] = None,
+) -> None:
+    """Convert VisA to MVTec AD layout (masks binarised); then set datasets.<name>.path to OUT."""
+    from polarocc.data.visa import convert_visa
+
+    try:
+        counts = convert_visa(root, out, category or None)
+    except PolaroccError as exc:
+        _fail(exc)
+    for obj, folders in counts.items():
+        typer.echo(f"{obj}: " + ", ".join(f"{folder} {n}" for folder, n in folders.items()))
 
 
 @app.command()
