@@ -21,7 +21,7 @@ REDUCTIONS = ("max", "mean", "topk")
 PROJECTORS = ("conv1x1", "linear")
 TRAINERS = ("gram", "direct")
 DATASET_FORMATS = ("mvtec",)
-CLASSIFICATION_FORMATS = ("digits", "cifar10", "cifar100", "fashion_mnist", "image_folder")
+CLASSIFICATION_FORMATS = ("digits", "cifar10", "cifar100", "fashion_mnist", "image_folder", "mvtec")
 FEATURE_DTYPES = ("float16", "float32")
 COMPRESSORS = ("lz4", "zstd", "blosc", "none")
 
@@ -235,7 +235,8 @@ def parse_params(raw: dict[str, Any], root: Path | str = ".") -> Params:
         _require(isinstance(cats, list) and len(cats) > 0 and all(isinstance(c, str) for c in cats),
                  f"datasets.{name}.categories", "must be a non-empty list of category folder names")
         datasets[name] = _build(DatasetConfig, {"name": name, **entry}, f"datasets.{name}")
-        _require(datasets[name].format not in CLASSIFICATION_FORMATS, f"datasets.{name}.format",
+        _require(datasets[name].format in DATASET_FORMATS or datasets[name].format not in CLASSIFICATION_FORMATS,
+                 f"datasets.{name}.format",
                  f"{datasets[name].format} has class labels but no pixel masks, and 'datasets' is for Protocol B "
                  "(detection and segmentation): declare it under protocol_a.datasets instead")
         _choice(datasets[name].format, DATASET_FORMATS, f"datasets.{name}.format")

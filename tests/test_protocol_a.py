@@ -69,3 +69,39 @@ def test_protocol_a_params(default_params: dict, tmp_path: Path) -> None:
     raw["protocol_a"]["datasets"] = {"textures": {"format": "digits"}}
     with pytest.raises(ConfigError, match=r"name of a Protocol B dataset"):
         parse_params(raw)
+
+
+def test_mvtec_image_level_end_to_end(params_dict: dict, mvtec_tree: Path, tmp_path: Path) -> None:
+    from polarocc.config import load_params
+    from polarocc.pipeline import paths
+    from polarocc.pipeline.protocol_a import fit_all, run_extract_a, score_all
+    from polarocc.pipeline.train import load_model, save_model
+    from tests.conftest import write_params
+
+    params_dict["protocol_a"] = {"datasets": {"mv": {"format": "mvtec", "path": str(mvtec_tree)}},
+                                 "resize": 32, "crop": 32, "epochs": 2, "batch_size": 4}
+    params_dict["sweep"]["distributions"] = ["normal"]
+    params = load_params(write_params(params_dict, tmp_path))
+    computed = run_extract_a(params, "mv", progress=False)
+    assert computed == {"train": 1, "test": 1}  # 12 train and 14 test images fit one 64-image shard
+    for distribution, dataset, name, store, projector, center, _ in fit_all(params, 1.0):
+        save_model(paths.model_file(params, 1.0, distribution, dataset, name), projector, center,
+                   {"store_fingerprint": store.attrs["fingerprint"]})
+    results = score_all(params, 1.0, load_model)["normal"]["mv"]
+    assert set(results) == {"brick", "gravel"}
+    for result in results.values():  # within-category: 3 good against 4 defective test images
+        assert result["n_test"] == 7 and result["n_anomalous"] == 4
+        assert 0.0 <= result["image_auroc"] <= 1.0
+
+
+def test_unknown_class_stops_before_extraction(params_dict: dict, tmp_path: Path) -> None:
+    from polarocc.config import load_params
+    from polarocc.errors import DataError
+    from polarocc.pipeline.protocol_a import run_extract_a
+    from tests.conftest import write_params
+
+    params_dict["protocol_a"]["datasets"]["digits"]["classes"] = ["0", "eleven"]
+    params = load_params(write_params(params_dict, tmp_path))
+    with pytest.raises(DataError, match=r"eleven not in the dataset; its classes are 0, 1, 2"):
+        run_extract_a(params, "digits", progress=False)
+    assert not (tmp_path / "data").exists()

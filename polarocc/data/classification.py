@@ -26,6 +26,7 @@ class ClassSplit:
 
     images: np.ndarray | list[Path]
     labels: np.ndarray
+    kinds: list[str] | None = None  # defect type per image ('good' = normal) for within-class detection
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -191,6 +192,32 @@ def read_digits(test_fraction: float = 0.5, seed: int = 1024, size: int = 32) ->
                                                         stratify=digits.target)
     return ClassificationSplits(ClassSplit(train_x, train_y), ClassSplit(test_x, test_y),
                                 tuple(str(i) for i in range(10)))
+
+
+def read_mvtec_image_level(root: Path, categories: tuple[str, ...] | None = None) -> ClassificationSplits:
+    """MVTec AD (or MPDD, or VisA converted) at image level: one class per category.
+
+    Unlike one-vs-rest, a category's normal images are its ``train/good`` images and its test split is
+    its own test images, anomalous when their defect type is not ``good``.
+    """
+    from polarocc.data.mvtec import read_split
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"MVTec-layout folder {root} does not exist; set the dataset's path param")
+    names = categories or tuple(sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()))
+    if not names:
+        raise DataError(f"{root} holds no <category>/train/good folders (MVTec AD layout)")
+    parts: dict[str, tuple[list[Path], list[int], list[str]]] = {"train": ([], [], []), "test": ([], [], [])}
+    for index, category in enumerate(names):
+        for split in ("train", "test"):
+            for sample in read_split(root, category, split):
+                paths, labels, kinds = parts[split]
+                paths.append(sample.path)
+                labels.append(index)
+                kinds.append(sample.defect_type)
+    train, test = ({"images": p, "labels": np.array(y, dtype=np.int64), "kinds": k} for p, y, k in parts.values())
+    return ClassificationSplits(ClassSplit(**train), ClassSplit(**test), tuple(names))
 
 
 def one_vs_rest(data: ClassificationSplits, normal_class: str) -> tuple[np.ndarray, np.ndarray]:

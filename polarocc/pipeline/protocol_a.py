@@ -26,6 +26,7 @@ from polarocc.data.classification import (
     read_digits,
     read_fashion_mnist,
     read_image_folder,
+    read_mvtec_image_level,
 )
 from polarocc.data.images import Geometry, load_image
 from polarocc.data.samples import Sample
@@ -49,6 +50,8 @@ def load_dataset(params: Params, ds: ClassificationDatasetConfig) -> Classificat
     if ds.format == "digits":
         return read_digits(seed=params.center.seed)
     root = resolve(params, ds.path)
+    if ds.format == "mvtec":
+        return read_mvtec_image_level(root, None if ds.classes == "all" else tuple(ds.classes))
     readers = {"cifar10": read_cifar10, "cifar100": read_cifar100, "fashion_mnist": read_fashion_mnist,
                "image_folder": read_image_folder}
     return readers[ds.format](root)
@@ -71,6 +74,8 @@ def class_slug(name: str) -> str:
 
 
 def _samples(split: ClassSplit, classes: tuple[str, ...], split_name: str) -> list[Sample]:
+    if split.kinds is not None:  # image-level MVTec: keep each image's defect type
+        return [Sample(p, int(y), k) for p, y, k in zip(split.images, split.labels, split.kinds, strict=True)]
     if isinstance(split.images, list):
         return [Sample(p, int(y), classes[int(y)]) for p, y in zip(split.images, split.labels, strict=True)]
     return [Sample(Path(f"{split_name}/{i}"), int(y), classes[int(y)]) for i, y in enumerate(split.labels)]
@@ -126,10 +131,15 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
                             paths.partial_store(params, dataset, STORE_NAME), progress)
 
 
-def load_split(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All pooled features (N, C, 1, 1) float32 and class indices (N,) of a split, read once."""
+def load_split(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pooled features (N, C, 1, 1) float32, class indices (N,) and defect flags (N,) of a split."""
     features = np.asarray(store.features(split)[:], dtype=np.float32)
-    return features, np.array([s.label for s in store.samples(split)], dtype=np.int64)
+    samples = store.samples(split)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    classes = store.attrs["backbone"]["classes"]
+    # A defect type other than the class name marks an image-level MVTec defect ('good' is normal).
+    defective = np.array([s.defect_type not in ("good", classes[s.label]) for s in samples], dtype=bool)
+    return features, labels, defective
 
 
 def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
@@ -148,12 +158,17 @@ def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Para
 
 @torch.no_grad()
 def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector: Projector, center: torch.Tensor,
-                squared: bool = True) -> dict:
-    """Image ROC AUC of one-vs-rest: the normal class against every other test image."""
+                squared: bool = True, defective: np.ndarray | None = None) -> dict:
+    """Image ROC AUC of one-vs-rest (the class against every other test image) or, when ``defective`` flags
+    are given (image-level MVTec), of the class's own test images, good against defective."""
     from polarocc.scoring.metrics import image_auroc
 
+    if defective is not None:
+        own = labels == label
+        features, anomalous = features[own], defective[own].astype(np.int64)
+    else:
+        anomalous = (labels != label).astype(np.int64)
     scores = distance_maps(projector, center, torch.from_numpy(features), squared)[:, 0, 0].numpy()
-    anomalous = (labels != label).astype(np.int64)
     return {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
             "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
 
@@ -173,7 +188,7 @@ def fit_all(params: Params, norm: float):
     """Yield (distribution, dataset, class name, store, projector, center, history) for every Protocol A model."""
     for dataset, ds in params.protocol_a.datasets.items():
         store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
-        features, labels = load_split(store, "train")
+        features, labels, _ = load_split(store, "train")
         for name, label in chosen_classes(store, ds):
             for distribution in params.sweep.distributions:
                 yield (distribution, dataset, name, store,
@@ -185,7 +200,8 @@ def score_all(params: Params, norm: float, load_model) -> dict:
     results: dict[str, dict] = {}
     for dataset, ds in params.protocol_a.datasets.items():
         store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
-        features, labels = load_split(store, "test")
+        features, labels, defective = load_split(store, "test")
+        within = defective if ds.format == "mvtec" else None
         for name, label in chosen_classes(store, ds):
             for distribution in params.sweep.distributions:
                 path = paths.model_file(params, norm, distribution, dataset, class_slug(name))
@@ -193,5 +209,5 @@ def score_all(params: Params, norm: float, load_model) -> dict:
                 if meta["store_fingerprint"] != store.attrs["fingerprint"]:
                     raise RuntimeError(f"model {path} was trained on other features; rerun the train stage")
                 results.setdefault(distribution, {}).setdefault(dataset, {})[name] = score_class(
-                    features, labels, label, projector, center, params.score.squared)
+                    features, labels, label, projector, center, params.score.squared, within)
     return results
