@@ -133,3 +133,12 @@ def test_one_vs_rest() -> None:
     assert train_idx.tolist() == [1, 2] and test_labels.tolist() == [1, 0, 1]
     with pytest.raises(DataError, match=r"class 'z' is not in the dataset; its classes are a, b, c"):
         one_vs_rest(data, "z")
+
+
+def test_empty_class_folder(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / split / "cat" / "a.png")
+    (tmp_path / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*train/dog holds no images"):
+        read_image_folder(tmp_path)

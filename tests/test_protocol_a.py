@@ -105,3 +105,39 @@ def test_unknown_class_stops_before_extraction(params_dict: dict, tmp_path: Path
     with pytest.raises(DataError, match=r"eleven not in the dataset; its classes are 0, 1, 2"):
         run_extract_a(params, "digits", progress=False)
     assert not (tmp_path / "data").exists()
+
+
+def test_protocol_a_check_stage(params_dict: dict, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import ROOT, write_params
+
+    folder = tmp_path / "pets"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (folder / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / split / name / "0.png")
+    params_dict["protocol_a"]["datasets"] = {"pets": {"format": "image_folder", "path": str(folder)},
+                                             "gone": {"format": "cifar10", "path": str(tmp_path / "nowhere")}}
+    write_params(params_dict, tmp_path)
+
+    def check(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "stages/check.py"), name], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    missing = check("gone")
+    assert missing.returncode == 2 and "protocol_a.datasets.gone.path" in missing.stderr
+    (tmp_path / "nowhere").mkdir()
+    empty_folder = check("gone")
+    assert empty_folder.returncode == 2
+    assert "protocol_a.datasets.gone.path" in empty_folder.stderr and "data_batch_1" in empty_folder.stderr
+    ok = check("pets")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "reports/checks/pets.json").read_text())["classes"] == ["cat", "dog"]
+    (folder / "test/dog/0.png").write_bytes(b"broken")
+    broken = check("pets")
+    assert broken.returncode == 2 and "test/dog/0.png" in broken.stderr

@@ -12,13 +12,16 @@ import warnings
 from polarocc.config import Params, check_datasets_exist
 from polarocc.errors import ConfigError
 from polarocc.features.extract import read_category
-from polarocc.pipeline import paths
+from polarocc.pipeline import paths, protocol_a
 
 
 def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
-    """Read and check every category of a Protocol B dataset; write reports/checks/<dataset>.json."""
+    """Read and check every category (Protocol B) or class (Protocol A) of a dataset; write
+    reports/checks/<dataset>.json."""
+    if dataset in params.protocol_a.datasets:
+        return _write(params, dataset, protocol_a.check_dataset(params, dataset, progress))
     if dataset not in params.datasets:
-        raise ConfigError(f"dataset {dataset!r} is not declared under params key 'datasets'")
+        raise ConfigError(f"dataset {dataset!r} is declared neither under 'datasets' nor 'protocol_a.datasets'")
     check_datasets_exist(params)
     root = paths.dataset_root(params, dataset)
     summary: dict[str, dict] = {}
@@ -34,6 +37,10 @@ def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
             "test_anomalous": sum(s.label for s in samples["test"]),
             "warnings": [str(w.message) for w in caught],
         }
+    return _write(params, dataset, summary)
+
+
+def _write(params: Params, dataset: str, summary: dict) -> dict:
     out = paths.reports(params) / "checks" / f"{dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")

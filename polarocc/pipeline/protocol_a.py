@@ -29,6 +29,7 @@ from polarocc.data.classification import (
     read_mvtec_image_level,
 )
 from polarocc.data.images import Geometry, load_image
+from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.errors import DataError
 from polarocc.features import store as fs
@@ -50,11 +51,31 @@ def load_dataset(params: Params, ds: ClassificationDatasetConfig) -> Classificat
     if ds.format == "digits":
         return read_digits(seed=params.center.seed)
     root = resolve(params, ds.path)
-    if ds.format == "mvtec":
-        return read_mvtec_image_level(root, None if ds.classes == "all" else tuple(ds.classes))
     readers = {"cifar10": read_cifar10, "cifar100": read_cifar100, "fashion_mnist": read_fashion_mnist,
-               "image_folder": read_image_folder}
-    return readers[ds.format](root)
+               "image_folder": read_image_folder,
+               "mvtec": lambda r: read_mvtec_image_level(r, None if ds.classes == "all" else tuple(ds.classes))}
+    try:
+        return readers[ds.format](root)
+    except DataError as exc:
+        raise DataError(f"params key 'protocol_a.datasets.{ds.name}.path': {exc}") from exc
+
+
+def check_dataset(params: Params, dataset: str, progress: bool = True) -> dict:
+    """Read a Protocol A dataset, check its class list and decode every image file; returns counts."""
+    if dataset not in params.protocol_a.datasets:
+        raise DataError(f"dataset {dataset!r} is not declared under params key 'protocol_a.datasets'")
+    check_protocol_a_paths(params)
+    ds = params.protocol_a.datasets[dataset]
+    data = load_dataset(params, ds)
+    classes = selected_classes(data, ds)
+    for split in (data.train, data.test):
+        if isinstance(split.images, list):
+            check_files(_samples(split, data.classes, ""), progress)
+    counts = np.bincount(data.train.labels, minlength=len(data.classes))
+    empty = [name for name in classes if counts[data.classes.index(name)] == 0]
+    if empty:
+        raise DataError(f"class(es) {', '.join(empty)} of protocol_a.datasets.{dataset} have no training images")
+    return {"classes": classes, "train": len(data.train), "test": len(data.test)}
 
 
 def selected_classes(data: ClassificationSplits, ds: ClassificationDatasetConfig) -> list[str]:
