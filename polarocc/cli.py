@@ -45,7 +45,7 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
 
     from polarocc.config import load_params
     from polarocc.pipeline import paths
-    from polarocc.reports.tables import sweep_means
+    from polarocc.reports.tables import read_results, sweep_means
 
     try:
         p = load_params(params)
@@ -54,7 +54,7 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
     csv = paths.reports(p) / "results.csv"
     if not csv.is_file():
         _fail(FileNotFoundError(f"{csv} does not exist yet: run `dvc repro` first"))
-    table = pl.read_csv(csv)
+    table = read_results(csv)
     if dataset:
         table = table.filter(pl.col("dataset") == dataset)
     shown = table.select(["dataset", "category", "distribution", "norm", "image_auroc", "pixel_auroc"]) \

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from polarocc.reports.tables import read_results
 from tests.conftest import ROOT, write_params
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
@@ -42,7 +43,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
             "aggregate"} <= first
 
-    table = pl.read_csv(project / "reports/results.csv")
+    table = read_results(project / "reports/results.csv")
     assert table.height == (2 + 2) * 2 * 2  # (categories + digit classes) x distributions x norms
     digits = table.filter(pl.col("protocol") == "A")
     assert set(digits["dataset"]) == {"digits"} and set(digits["category"]) == {"0", "7"}
@@ -64,6 +65,6 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     write_params(params_dict, project)
     second = _stages_run(_run(["dvc", "repro"], project))
     assert second == {"train@3", "score@3", "aggregate"}
-    table = pl.read_csv(project / "reports/results.csv")
+    table = read_results(project / "reports/results.csv")
     assert sorted(set(table["norm"])) == [1.0, 3.0]
     assert table.height == (2 + 2) * 2 * 2  # the dropped norm 8 leaves no stale rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 
@@ -44,6 +45,11 @@ def results_table(params: Params) -> pl.DataFrame:
                     "reduction": params.score.reduction, "center_seed": params.center.seed,
                 })
     return pl.DataFrame(rows, schema_overrides={"pixel_auroc": pl.Float64}).sort(KEYS)
+
+
+def read_results(path: Path) -> pl.DataFrame:
+    """Read reports/results.csv back (category names such as digit classes stay strings)."""
+    return pl.read_csv(path, schema_overrides={"category": pl.String, "pixel_auroc": pl.Float64})
 
 
 def sweep_means(table: pl.DataFrame) -> pl.DataFrame:
