@@ -123,18 +123,6 @@ def test_digits_is_real_and_stratified() -> None:
     assert counts.min() >= 85  # about half of each class's ~180 images
 
 
-def test_one_vs_rest() -> None:
-    from polarocc.data.classification import ClassificationSplits, ClassSplit, one_vs_rest
-
-    data = ClassificationSplits(ClassSplit(np.zeros((4, 2, 2, 3), np.uint8), np.array([0, 1, 1, 2])),
-                                ClassSplit(np.zeros((3, 2, 2, 3), np.uint8), np.array([2, 1, 0])),
-                                ("a", "b", "c"))
-    train_idx, test_labels = one_vs_rest(data, "b")
-    assert train_idx.tolist() == [1, 2] and test_labels.tolist() == [1, 0, 1]
-    with pytest.raises(DataError, match=r"class 'z' is not in the dataset; its classes are a, b, c"):
-        one_vs_rest(data, "z")
-
-
 def test_empty_class_folder(tmp_path: Path) -> None:
     for split in ("train", "test"):
         (tmp_path / split / "cat").mkdir(parents=True)

@@ -219,13 +219,3 @@ def read_mvtec_image_level(root: Path, categories: tuple[str, ...] | None = None
     train, test = ({"images": p, "labels": np.array(y, dtype=np.int64), "kinds": k} for p, y, k in parts.values())
     return ClassificationSplits(ClassSplit(**train), ClassSplit(**test), tuple(names))
 
-
-def one_vs_rest(data: ClassificationSplits, normal_class: str) -> tuple[np.ndarray, np.ndarray]:
-    """(indices of the normal class's training images, 0/1 test labels with every other class anomalous)."""
-    if normal_class not in data.classes:
-        raise DataError(f"class {normal_class!r} is not in the dataset; its classes are {', '.join(data.classes)}")
-    k = data.classes.index(normal_class)
-    train_idx = np.flatnonzero(data.train.labels == k)
-    if len(train_idx) == 0:
-        raise DataError(f"class {normal_class!r} has no training images")
-    return train_idx, (data.test.labels != k).astype(np.int64)

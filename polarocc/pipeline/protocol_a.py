@@ -80,13 +80,16 @@ def check_dataset(params: Params, dataset: str, progress: bool = True) -> dict:
 
 def selected_classes(data: ClassificationSplits, ds: ClassificationDatasetConfig) -> list[str]:
     """The classes that take a turn as the normal class."""
-    if ds.classes == "all":
-        return list(data.classes)
-    missing = [c for c in ds.classes if c not in data.classes]
+    return _pick(list(data.classes), ds)
+
+
+def _pick(classes: list[str], ds: ClassificationDatasetConfig) -> list[str]:
+    wanted = classes if ds.classes == "all" else list(ds.classes)
+    missing = [c for c in wanted if c not in classes]
     if missing:
         raise DataError(f"params key 'protocol_a.datasets.{ds.name}.classes': {', '.join(missing)} not in the "
-                        f"dataset; its classes are {', '.join(data.classes)}")
-    return list(ds.classes)
+                        f"dataset; its classes are {', '.join(classes)}")
+    return wanted
 
 
 def class_slug(name: str) -> str:
@@ -195,14 +198,9 @@ def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector:
 
 
 def chosen_classes(store: FeatureStore, ds: ClassificationDatasetConfig) -> list[tuple[str, int]]:
-    """(name, index) of each class that takes a turn as the normal class."""
+    """(name, index) of each class that takes a turn as the normal class, from the store's class list."""
     classes = list(store.attrs["backbone"]["classes"])
-    wanted = classes if ds.classes == "all" else list(ds.classes)
-    missing = [c for c in wanted if c not in classes]
-    if missing:
-        raise DataError(f"params key 'protocol_a.datasets.{ds.name}.classes': {', '.join(missing)} not in the "
-                        f"dataset; its classes are {', '.join(classes)}")
-    return [(name, classes.index(name)) for name in wanted]
+    return [(name, classes.index(name)) for name in _pick(classes, ds)]
 
 
 def fit_all(params: Params, norm: float):
