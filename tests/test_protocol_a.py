@@ -13,7 +13,8 @@ from polarocc.config import parse_params
 from polarocc.errors import ConfigError
 from polarocc.models.backbone import build_pooled_extractor
 from polarocc.models.projector import Projector
-from polarocc.pipeline.protocol_a import class_slug, fit_class, score_class
+from polarocc.pipeline.paths import file_stem
+from polarocc.pipeline.protocol_a import fit_class, score_class
 
 
 def test_pooled_features_are_the_penultimate_layer() -> None:
@@ -54,8 +55,8 @@ def test_projector_on_single_positions_matches_conv() -> None:
     torch.testing.assert_close(projector(x), expected)
 
 
-def test_class_slug() -> None:
-    assert class_slug("T-shirt/top") == "T-shirt_top" and class_slug("7") == "7"
+def test_file_stem() -> None:
+    assert file_stem("T-shirt/top") == "T-shirt_top" and file_stem("7") == "7" and file_stem("metal_nut") == "metal_nut"
 
 
 def test_protocol_a_params(default_params: dict, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from polarocc.config import Params, norm_label, resolve
@@ -37,9 +38,14 @@ def model_dir(params: Params, norm: float) -> Path:
     return params.root / MODELS / norm_dir(norm)
 
 
+def file_stem(name: str) -> str:
+    """A file-name-safe spelling of a category or class name ('T-shirt/top' -> 'T-shirt_top')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def model_file(params: Params, norm: float, distribution: str, dataset: str, category: str) -> Path:
     """One trained projector."""
-    return model_dir(params, norm) / distribution / dataset / f"{category}.pt"
+    return model_dir(params, norm) / distribution / dataset / f"{file_stem(category)}.pt"
 
 
 def norm_scores(params: Params, norm: float) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 from polarocc.config import (
     ClassificationDatasetConfig,
     Params,
+    TrainConfig,
     check_backbone_known,
     check_protocol_a_paths,
     resolve,
@@ -28,7 +28,7 @@ from polarocc.data.classification import (
     read_image_folder,
     read_mvtec_image_level,
 )
-from polarocc.data.images import Geometry, load_image
+from polarocc.data.images import Geometry
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.errors import DataError
@@ -60,14 +60,20 @@ def load_dataset(params: Params, ds: ClassificationDatasetConfig) -> Classificat
         raise DataError(f"params key 'protocol_a.datasets.{ds.name}.path': {exc}") from exc
 
 
-def check_dataset(params: Params, dataset: str, progress: bool = True) -> dict:
-    """Read a Protocol A dataset, check its class list and decode every image file; returns counts."""
+def _load_declared(params: Params, dataset: str) -> tuple[ClassificationDatasetConfig, ClassificationSplits,
+                                                            list[str]]:
+    """The dataset's config, its data and the classes that take a turn as normal, checked."""
     if dataset not in params.protocol_a.datasets:
         raise DataError(f"dataset {dataset!r} is not declared under params key 'protocol_a.datasets'")
     check_protocol_a_paths(params)
     ds = params.protocol_a.datasets[dataset]
     data = load_dataset(params, ds)
-    classes = selected_classes(data, ds)
+    return ds, data, selected_classes(data, ds)
+
+
+def check_dataset(params: Params, dataset: str, progress: bool = True) -> dict:
+    """Read a Protocol A dataset, check its class list and decode every image file; returns counts."""
+    _, data, classes = _load_declared(params, dataset)
     for split in (data.train, data.test):
         if isinstance(split.images, list):
             check_files(_samples(split, data.classes, ""), progress)
@@ -92,11 +98,6 @@ def _pick(classes: list[str], ds: ClassificationDatasetConfig) -> list[str]:
     return wanted
 
 
-def class_slug(name: str) -> str:
-    """A file-name-safe spelling of a class name ('T-shirt/top' -> 'T-shirt_top')."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
 def _samples(split: ClassSplit, classes: tuple[str, ...], split_name: str) -> list[Sample]:
     if split.kinds is not None:  # image-level MVTec: keep each image's defect type
         return [Sample(p, int(y), k) for p, y, k in zip(split.images, split.labels, split.kinds, strict=True)]
@@ -106,15 +107,13 @@ def _samples(split: ClassSplit, classes: tuple[str, ...], split_name: str) -> li
 
 
 def _array_loader(data: ClassificationSplits, geometry: Geometry):
+    """Loader of in-memory images, named ``<split>/<index>`` by :func:`_samples`."""
     def load(samples: list[Sample]) -> np.ndarray:
         out = []
         for s in samples:
-            if s.path.parent.name in ("train", "test") and not s.path.is_file():
-                image = getattr(data, s.path.parent.name).images[int(s.path.name)]
-                img = Image.fromarray(image).resize((geometry.resize,) * 2, Image.Resampling.BILINEAR)
-                out.append(np.asarray(img.crop(geometry.box())))
-            else:
-                out.append(load_image(s.path, geometry))
+            image = getattr(data, s.path.parent.name).images[int(s.path.name)]
+            img = Image.fromarray(image).resize((geometry.resize,) * 2, Image.Resampling.BILINEAR)
+            out.append(np.asarray(img.crop(geometry.box())))
         return np.stack(out)
 
     return load
@@ -132,13 +131,8 @@ def _digest(data: ClassificationSplits) -> str:
 
 def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[str, int]:
     """Pooled features of every train and test image of a Protocol A dataset into one store."""
-    if dataset not in params.protocol_a.datasets:
-        raise DataError(f"dataset {dataset!r} is not declared under params key 'protocol_a.datasets'")
     check_backbone_known(params)
-    check_protocol_a_paths(params)
-    ds = params.protocol_a.datasets[dataset]
-    data = load_dataset(params, ds)
-    selected_classes(data, ds)
+    ds, data, _ = _load_declared(params, dataset)
     samples = {"train": _samples(data.train, data.classes, "train"), "test": _samples(data.test, data.classes, "test")}
     b, e, a = params.backbone, params.extract, params.protocol_a
     geometry = Geometry(a.resize, a.crop)
@@ -147,7 +141,7 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
     layout = fs.StoreLayout(spec.channels, 1, 1, a.crop, "float32", max(e.shard_images, 64), e.compressor, e.level,
                             image_level=True)
     runner = CategoryExtractor(extractor, geometry, e.batch_size, "float32", pick_device(e.device),
-                               loader=_array_loader(data, geometry))
+                               loader=None if isinstance(data.train.images, list) else _array_loader(data, geometry))
     backbone = {"name": b.name, "weights": b.weights, "pooled": True, "mean": list(spec.mean),
                 "std": list(spec.std), "classes": list(data.classes), "dataset_format": ds.format,
                 "data_digest": _digest(data)}
@@ -166,6 +160,11 @@ def load_split(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray,
     return features, labels, defective
 
 
+def train_config(params: Params) -> TrainConfig:
+    """The training settings of Protocol A: ``train`` with Protocol A's epochs and batch size."""
+    return replace(params.train, epochs=params.protocol_a.epochs, batch_size=params.protocol_a.batch_size)
+
+
 def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
               distribution: str) -> tuple[Projector, torch.Tensor, TrainHistory]:
     """Train on one class's training images (direct trainer: one feature vector per image)."""
@@ -174,7 +173,7 @@ def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Para
         raise DataError(f"class index {label} has no training images")
     mean = own.mean(axis=(0, 2, 3)) if distribution == "feature_mean" else None
     center = make_center(distribution, norm, own.shape[1], params.center.seed, feature_mean=mean)
-    cfg = replace(params.train, epochs=params.protocol_a.epochs, batch_size=params.protocol_a.batch_size)
+    cfg = train_config(params)
     projector = Projector(own.shape[1], params.projector.kind, params.projector.bias, seed=cfg.seed)
     history = train_direct(projector, center, lambda idx: own[np.sort(idx)], len(own), cfg)
     return projector, center, history
@@ -223,7 +222,7 @@ def score_all(params: Params, norm: float, load_model) -> dict:
         within = defective if ds.format == "mvtec" else None
         for name, label in chosen_classes(store, ds):
             for distribution in params.sweep.distributions:
-                path = paths.model_file(params, norm, distribution, dataset, class_slug(name))
+                path = paths.model_file(params, norm, distribution, dataset, name)
                 projector, center, meta = load_model(path)
                 if meta["store_fingerprint"] != store.attrs["fingerprint"]:
                     raise RuntimeError(f"model {path} was trained on other features; rerun the train stage")

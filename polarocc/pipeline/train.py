@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from polarocc.config import Params, validate_norm
+from polarocc.config import Params, TrainConfig, validate_norm
 from polarocc.features.store import FeatureStore
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
@@ -95,6 +95,19 @@ def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
     return projector, state.pop("center"), state
 
 
+def _save(params: Params, norm: float, protocol: str, distribution: str, dataset: str, category: str,
+          store: FeatureStore, fitted: tuple[Projector, torch.Tensor, TrainHistory], train_cfg: TrainConfig,
+          histories: dict) -> None:
+    projector, center, history = fitted
+    meta = {"protocol": protocol, "distribution": distribution, "norm": norm, "dataset": dataset,
+            "category": category, "store_fingerprint": store.attrs["fingerprint"],
+            "backbone": store.attrs["backbone"], "geometry": store.attrs["geometry"], "train": vars(train_cfg).copy(),
+            "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
+    save_model(paths.model_file(params, norm, distribution, dataset, category), projector,
+               center, meta)
+    histories.setdefault(distribution, {}).setdefault(dataset, {})[category] = history.to_dict()
+
+
 def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     """Train every distribution x dataset category at one norm; returns the training histories."""
     norm = validate_norm(norm, "norm")
@@ -103,22 +116,11 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     for dataset, category in tqdm(jobs, desc=f"train norm {norm:g}", unit="category", disable=not progress):
         store = FeatureStore(paths.feature_store(params, dataset, category))
-        for distribution, (projector, center, history) in fit_store(store, params, norm,
-                                                                    params.sweep.distributions).items():
-            meta = {"distribution": distribution, "norm": norm, "dataset": dataset, "category": category,
-                    "store_fingerprint": store.attrs["fingerprint"], "backbone": store.attrs["backbone"],
-                    "geometry": store.attrs["geometry"], "train": vars(params.train).copy(),
-                    "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
-            save_model(paths.model_file(params, norm, distribution, dataset, category), projector, center, meta)
-            histories.setdefault(distribution, {}).setdefault(dataset, {})[category] = history.to_dict()
-    for distribution, dataset, name, store, projector, center, history in protocol_a.fit_all(params, norm):
-        meta = {"protocol": "A", "distribution": distribution, "norm": norm, "dataset": dataset, "category": name,
-                "store_fingerprint": store.attrs["fingerprint"], "backbone": store.attrs["backbone"],
-                "geometry": store.attrs["geometry"], "train": vars(params.train).copy(),
-                "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
-        save_model(paths.model_file(params, norm, distribution, dataset, protocol_a.class_slug(name)), projector,
-                   center, meta)
-        histories.setdefault(distribution, {}).setdefault(dataset, {})[name] = history.to_dict()
+        for distribution, fitted in fit_store(store, params, norm, params.sweep.distributions).items():
+            _save(params, norm, "B", distribution, dataset, category, store, fitted, params.train, histories)
+    for distribution, dataset, name, store, *fitted in protocol_a.fit_all(params, norm):
+        _save(params, norm, "A", distribution, dataset, name, store, tuple(fitted),
+              protocol_a.train_config(params), histories)
     out = paths.model_dir(params, norm) / "history.json"
     out.write_text(json.dumps(histories, indent=1))
     return histories

@@ -72,13 +72,13 @@ def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
         by_norm = ds.group_by("norm").agg(pl.col("image_auroc").mean()).sort("norm")
         entry = {
             "image_auroc": round(default["image_auroc"].item(), 4),
-            "pixel_auroc": None if default["pixel_auroc"].item() is None else round(default["pixel_auroc"].item(), 4),
+
             "distribution_spread": round(at_default_norm.max() - at_default_norm.min(), 4),
             "largest_norm_image_auroc": round(largest["image_auroc"].mean(), 4),
             # Analysis of the sweep on test labels: never used to choose the reported model.
             "sweep_peak_norm": float(by_norm.sort(["image_auroc", "norm"], descending=[True, False])["norm"][0]),
         }
-        if entry["pixel_auroc"] is None:  # Protocol A: image-level only
-            del entry["pixel_auroc"]
+        if default["pixel_auroc"].item() is not None:  # Protocol A is image-level only
+            entry["pixel_auroc"] = round(default["pixel_auroc"].item(), 4)
         metrics[dataset] = entry
     return metrics
