@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from polarocc.errors import PolaroccError
+from polarocc.errors import ConfigError, PolaroccError
 
 app = typer.Typer(help="Data-agnostic one-class anomaly detection with a random hypersphere center.",
                   no_args_is_help=True, add_completion=False)
@@ -78,6 +78,146 @@ def convert_visa_command(
         _fail(exc)
     for obj, folders in counts.items():
         typer.echo(f"{obj}: " + ", ".join(f"{folder} {n}" for folder, n in folders.items()))
+
+
+@app.command()
+def export(
+    category: Annotated[str, typer.Argument(help="category (Protocol B) to export")],
+    out: Annotated[Path, typer.Argument(help="model file to write (.pt)")],
+    dataset: Annotated[str | None, typer.Option(help="dataset; default: the only one declared")] = None,
+    norm: Annotated[float | None, typer.Option(help="center norm; default center.norm")] = None,
+    distribution: Annotated[str | None, typer.Option(help="center distribution; default center.distribution")] = None,
+    params: Path = PARAMS,
+) -> None:
+    """Save one trained variant (after `dvc repro`) as a self-describing model file for predict/stream."""
+    from polarocc.config import load_params
+    from polarocc.pipeline.export import export_variant
+
+    try:
+        p = load_params(params)
+        if dataset is None:
+            if len(p.datasets) != 1:
+                raise ConfigError(f"several datasets are declared ({', '.join(p.datasets)}); pass --dataset")
+            dataset = next(iter(p.datasets))
+        path = export_variant(p, p.center.norm if norm is None else norm, distribution or p.center.distribution,
+                              dataset, category, out)
+    except (PolaroccError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}")
+
+
+def _device(requested: str) -> str:
+    from polarocc.features.extract import pick_device
+
+    try:
+        return pick_device(requested)
+    except RuntimeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="saved model (models/deploy/..., models/online/... or export)")],
+    inputs: Annotated[list[str] | None, typer.Argument(help="image files, folders or quoted glob patterns")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for scores.csv, maps/ and overlays/")] = Path(
+        "predictions"),
+    list_file: Annotated[Path | None, typer.Option("--list", help="a file listing one image path per line")] = None,
+    threshold: Annotated[float | None, typer.Option(help="decision threshold on the score scale")] = None,
+    quantile: Annotated[float | None, typer.Option(help="threshold = this quantile of normal training scores")] = None,
+    radius_threshold: Annotated[bool, typer.Option(
+        "--radius-threshold", help="the paper's d > R rule (every image exceeds it in practice)")] = False,
+    maps: Annotated[bool, typer.Option(help="write anomaly maps (.npy) and overlay PNGs")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+) -> None:
+    """Score images with a saved model: print and write scores and decisions, maps and overlays."""
+    import polars as pl
+
+    from polarocc.deploy.artefact import load_artefact
+    from polarocc.deploy.detector import Detector
+    from polarocc.deploy.inputs import collect_images
+    from polarocc.deploy.predict import choose_threshold
+    from polarocc.deploy.predict import predict as run_predict
+
+    try:
+        artefact = load_artefact(model)
+        chosen = choose_threshold(artefact, threshold, quantile, radius_threshold)
+        images = collect_images(inputs or [], list_file)
+        detector = Detector(artefact, _device(device))
+        table = run_predict(detector, images, out, chosen, batch_size, maps)
+    except PolaroccError as exc:
+        _fail(exc)
+    typer.echo(f"threshold {chosen.describe()}")
+    with pl.Config(tbl_rows=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+        typer.echo(table.select(["path", "score", "anomalous"]))
+    flagged = int(table["anomalous"].sum())
+    typer.echo(f"{flagged} of {table.height} images anomalous; wrote {out / 'scores.csv'}"
+               + (f", {out / 'maps'} and {out / 'overlays'}" if maps else ""))
+
+
+@app.command()
+def stream(
+    inputs: Annotated[list[str] | None, typer.Argument(help="image files, folders or quoted globs, in order")] = None,
+    model: Annotated[Path | None, typer.Option(help="start from this saved model")] = None,
+    cold_start: Annotated[bool, typer.Option(
+        "--cold-start", help="start untrained from params.yaml (backbone, center, projector)")] = False,
+    list_file: Annotated[Path | None, typer.Option("--list", help="a file listing one image path per line")] = None,
+    csv_path: Annotated[Path, typer.Option("--csv", help="one row per image, appended as it goes")] = Path(
+        "stream/stream.csv"),
+    state: Annotated[Path, typer.Option(help="state file to resume from")] = Path("stream/state.pt"),
+    clean: Annotated[bool, typer.Option("--clean", help="the stream holds only normal images: learn from all")] = False,
+    threshold: Annotated[float | None, typer.Option(help="fixed decision threshold on the score scale")] = None,
+    quantile: Annotated[float | None, typer.Option(
+        help="adaptive threshold: this quantile of the scores of the last --window learned images")] = None,
+    window: Annotated[int, typer.Option(min=1)] = 64,
+    warmup: Annotated[int, typer.Option(min=0, help="take the first N images as normal")] = 0,
+    save_every: Annotated[int, typer.Option(min=1, help="write the state file every N images")] = 1,
+    save_model: Annotated[Path | None, typer.Option(help="write the final model here (for predict)")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="discard an existing state file and CSV")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    params: Path = PARAMS,
+) -> None:
+    """Online use: score each image before learning from it; stop any time and rerun to resume."""
+    from polarocc.deploy.artefact import load_artefact
+    from polarocc.deploy.inputs import collect_images
+    from polarocc.deploy.stream import (
+        OnlineLearner,
+        StreamSettings,
+        cold_start_artefact,
+        cold_start_extractor,
+        file_digest,
+        run_stream,
+        save_stream_model,
+    )
+
+    try:
+        if (model is None) == (not cold_start):
+            raise ConfigError("give either --model FILE or --cold-start")
+        images = collect_images(inputs or [], list_file)
+        extractor = None
+        if cold_start:
+            from polarocc.config import load_params
+
+            p = load_params(params)
+            extractor = cold_start_extractor(p)
+            artefact = cold_start_artefact(p, extractor)
+            source = f"cold start from {params.resolve()}"
+        else:
+            artefact = load_artefact(model)
+            source = f"{model.resolve()} sha256 {file_digest(model)[:16]}"
+        t = artefact.train
+        settings = StreamSettings(clean, threshold, quantile, window, warmup, float(t.get("lr", 1e-4)),
+                                  float(t.get("weight_decay", 5e-4)), float(t.get("radius", 1e-5)), save_every)
+        settings.validate(artefact.threshold is not None)
+        learner = OnlineLearner(artefact, settings, _device(device), extractor)
+        counts = run_stream(learner, images, csv_path, state, source, restart)
+        if save_model is not None:
+            save_stream_model(learner, save_model)
+    except PolaroccError as exc:
+        _fail(exc)
+    typer.echo(f"processed {counts['processed']} image(s) now, {counts['total']} in all; {counts['updates']} "
+               f"updates; rows in {csv_path}, state in {state}"
+               + (f", model in {save_model}" if save_model is not None else ""))
 
 
 @app.command()

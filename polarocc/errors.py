@@ -19,3 +19,7 @@ class WeightsError(PolaroccError):
 
 class NumericalError(PolaroccError, FloatingPointError):
     """NaN/Inf in features or training."""
+
+
+class ModelError(PolaroccError):
+    """A saved model that cannot be used as asked (wrong file, or features it was not trained on)."""

@@ -21,8 +21,13 @@ def default_params() -> dict:
 
 
 @pytest.fixture
-def params_dict(default_params: dict, tmp_path: Path) -> dict:
+def params_dict(default_params: dict) -> dict:
     """A small, valid params mapping whose textures live under tmp_path."""
+    return tiny_params(default_params)
+
+
+def tiny_params(default_params: dict) -> dict:
+    """The project's params shrunk to a few tiny images (64 px crops, 2 categories, 3 epochs)."""
     raw = copy.deepcopy(default_params)
     raw["datasets"] = {"textures": {"format": "mvtec", "path": "data/textures", "categories": ["brick", "gravel"]}}
     raw["textures"].update(categories=["brick", "gravel"], train=6, test_good=3, defects_per_type=1, crop=96,
@@ -57,3 +62,20 @@ def lite0():
     from polarocc.models.backbone import build_extractor
 
     return build_extractor("tf_efficientnet_lite0", (1, 2, 3), pool=3, weights="package")
+
+
+@pytest.fixture(scope="session")
+def extracted_project(tmp_path_factory: pytest.TempPathFactory, default_params: dict, mvtec_tree: Path) -> Path:
+    """A project folder whose params point at ``mvtec_tree`` (Protocol B and C, no Protocol A), features
+    already extracted. Tests copy it before writing into it."""
+    from polarocc.config import load_params
+    from polarocc.pipeline.extract import run_extract
+
+    folder = tmp_path_factory.mktemp("project")
+    raw = tiny_params(default_params)
+    raw["datasets"] = {"mine": {"format": "mvtec", "path": str(mvtec_tree), "categories": ["brick", "gravel"]}}
+    raw["protocol_a"]["datasets"] = {}
+    raw["protocol_c"] = {"datasets": ["mine"], "seed": 5}
+    params = load_params(write_params(raw, folder))
+    run_extract(params, "mine", progress=False)
+    return folder

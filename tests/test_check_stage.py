@@ -15,6 +15,7 @@ def _project(params_dict: dict, mvtec_tree: Path, tmp_path: Path) -> Path:
     data = tmp_path / "mine"
     shutil.copytree(mvtec_tree, data)
     params_dict["datasets"] = {"mine": {"format": "mvtec", "path": str(data), "categories": ["brick", "gravel"]}}
+    params_dict["protocol_c"]["datasets"] = ["mine"]
     write_params(params_dict, tmp_path)
     return data
 

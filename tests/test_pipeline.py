@@ -41,16 +41,25 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
 
     first = _stages_run(_run(["dvc", "repro"], project))
     assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
-            "aggregate"} <= first
+            "online@textures", "export", "aggregate"} <= first
 
     table = read_results(project / "reports/results.csv")
+    online = table.filter(pl.col("protocol") == "C")
+    assert online["category"].to_list() == ["brick", "gravel"] and (online["batch_size"] == 1).all()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["textures"]["online_image_auroc"] == pytest.approx(online["image_auroc"].mean(), abs=1e-4)
+    assert (project / "reports/plots/learning_curve_textures.png").is_file()
+    assert (project / "models/deploy/textures/brick.pt").is_file()
+    assert (project / "models/online/textures/gravel.pt").is_file()
+    plots = _run(["dvc", "plots", "show", "--json"], project)
+    assert "reports/learning_curves/textures.csv" in plots
+    table = table.filter(pl.col("protocol") != "C")
     assert table.height == (2 + 2) * 2 * 2  # (categories + digit classes) x distributions x norms
     digits = table.filter(pl.col("protocol") == "A")
     assert set(digits["dataset"]) == {"digits"} and set(digits["category"]) == {"0", "7"}
     assert digits["pixel_auroc"].null_count() == digits.height
     table = table.filter(pl.col("protocol") == "B")
     assert table["image_auroc"].is_between(0, 1).all() and table["pixel_auroc"].is_between(0, 1).all()
-    metrics = json.loads((project / "reports/metrics.json").read_text())
     headline = table.filter((pl.col("distribution") == "normal") & (pl.col("norm") == 1.0))
     assert metrics["textures"]["image_auroc"] == pytest.approx(headline["image_auroc"].mean(), abs=1e-4)
     digits_headline = digits.filter((pl.col("distribution") == "normal") & (pl.col("norm") == 1.0))
@@ -65,6 +74,6 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     write_params(params_dict, project)
     second = _stages_run(_run(["dvc", "repro"], project))
     assert second == {"train@3", "score@3", "aggregate"}
-    table = read_results(project / "reports/results.csv")
+    table = read_results(project / "reports/results.csv").filter(pl.col("protocol") != "C")
     assert sorted(set(table["norm"])) == [1.0, 3.0]
     assert table.height == (2 + 2) * 2 * 2  # the dropped norm 8 leaves no stale rows

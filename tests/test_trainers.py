@@ -120,3 +120,71 @@ def test_certificate_finds_pixel_inside_radius_and_bounds_others() -> None:
         exact = float((z - center.view(1, -1, 1, 1)).pow(2).sum(1).min())
     assert 1e-10 < bounds[0] <= exact + 1e-12
     assert bounds[1] == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gram_matches_direct_batch_one_single_pass(bias: bool) -> None:
+    """Protocol C: one image's statistics per step, one pass in a seeded order."""
+    features = _features(n=9, seed=5)
+    gram, sums = gram_and_sums(features)
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-2, seed=77)
+    center = make_center("normal", 1.0, features.shape[1])
+    by_gram = Projector(12, "conv1x1", bias, dtype=torch.float64)
+    by_direct = Projector(12, "conv1x1", bias, dtype=torch.float64)
+    seen_gram, seen_direct = [], []
+    h_gram = train_gram(by_gram, center, gram, sums, 36, cfg, on_step=seen_gram.append)
+    train_direct(by_direct, center, lambda idx: features[np.sort(idx)], len(features), cfg,
+                 on_step=seen_direct.append)
+    assert seen_gram == seen_direct == list(range(1, 10)) and h_gram.steps == 9
+    torch.testing.assert_close(by_gram.weight, by_direct.weight, rtol=0, atol=1e-10)
+    if bias:
+        torch.testing.assert_close(by_gram.bias, by_direct.bias, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("trainer", ["gram", "direct"])
+def test_evaluating_at_checkpoints_leaves_the_trajectory_unchanged(trainer: str) -> None:
+    features = _features(n=8, seed=9)
+    gram, sums = gram_and_sums(features)
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-2)
+    center = make_center("normal", 1.0, features.shape[1])
+    evaluated = []
+
+    def evaluate(projector: Projector):
+        def on_step(seen: int) -> None:  # what the learning curve does: score the current model
+            with torch.no_grad():
+                evaluated.append(hinge_loss(projector(torch.as_tensor(features, dtype=torch.float64)), center, 0.0))
+        return on_step
+
+    def train(projector: Projector, on_step=None) -> None:
+        if trainer == "gram":
+            train_gram(projector, center, gram, sums, 36, cfg, on_step=on_step)
+        else:
+            train_direct(projector, center, lambda idx: features[np.sort(idx)], len(features), cfg, on_step=on_step)
+
+    plain, observed = Projector(12, dtype=torch.float64), Projector(12, dtype=torch.float64)
+    train(plain)
+    train(observed, evaluate(observed))
+    assert len(evaluated) == 8 and evaluated[-1] < evaluated[0]  # the callback saw the model improve
+    assert torch.equal(plain.weight, observed.weight) and torch.equal(plain.bias, observed.bias)
+
+
+def test_adam_state_round_trip_continues_identically() -> None:
+    torch.manual_seed(0)
+    target = torch.randn(4, 4, dtype=torch.float64)
+
+    def steps(p: torch.nn.Parameter, optimizer: Adam, n: int) -> None:
+        for _ in range(n):
+            p.grad = 2 * (p.detach() - target)
+            optimizer.step()
+
+    a = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.float64))
+    opt_a = Adam([a], lr=0.1, weight_decay=1e-3)
+    steps(a, opt_a, 6)
+    b = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.float64))
+    opt_b = Adam([b], lr=0.1, weight_decay=1e-3)
+    steps(b, opt_b, 3)
+    c = torch.nn.Parameter(b.detach().clone())
+    opt_c = Adam([c], lr=0.1, weight_decay=1e-3)
+    opt_c.load_state_dict(opt_b.state_dict())
+    steps(c, opt_c, 3)
+    assert torch.equal(a, c)

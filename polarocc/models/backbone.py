@@ -7,6 +7,7 @@ concatenated along channels, e.g. Wide-ResNet50 layers 1-3 -> 1792 x 56 x 56 at 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,27 @@ class FeatureExtractor(nn.Module):
                            tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
 
+HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.", "fc.", "head.", "global_pool.")
+
+
+class _HeadKeysFilter(logging.Filter):
+    """Drops timm's 'Unexpected keys' warning when only classifier-head weights were left unused, which is
+    what a features-only model loading full-network weights does; any other unused key is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Unexpected keys ("):
+            return True
+        keys = message[len("Unexpected keys ("):message.index(")")].split(", ")
+        return not all(k.startswith(HEAD_PREFIXES) for k in keys)
+
+
 def _create(name: str, weights: str, **kwargs) -> nn.Module:
     import timm
+
+    builder_logger = logging.getLogger("timm.models._builder")
+    if not any(isinstance(f, _HeadKeysFilter) for f in builder_logger.filters):
+        builder_logger.addFilter(_HeadKeysFilter())
 
     if not timm.is_model(name):
         raise ConfigError(f"params key 'backbone.name': timm has no model named {name!r}")

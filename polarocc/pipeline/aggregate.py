@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
+
 from polarocc.config import Params
 from polarocc.pipeline import paths
 from polarocc.reports.plots import norm_sweep_plot
@@ -16,7 +18,7 @@ def run_aggregate(params: Params) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(params)
     table.write_csv(out / "results.csv")
-    means = sweep_means(table)
+    means = sweep_means(table.filter(pl.col("protocol") != "C"))  # Protocol C has no sweep
     means.write_csv(out / "norm_sweep.csv")
     metrics = headline_metrics(table, params)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

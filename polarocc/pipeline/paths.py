@@ -56,3 +56,33 @@ def norm_scores(params: Params, norm: float) -> Path:
 def reports(params: Params) -> Path:
     """The reports folder."""
     return params.root / REPORTS
+
+
+def deploy_model(params: Params, dataset: str, category: str) -> Path:
+    """The saved model of the default center variant (the output of ``export``), for ``polarocc predict``."""
+    return params.root / MODELS / "deploy" / dataset / f"{file_stem(category)}.pt"
+
+
+def online_model(params: Params, dataset: str, category: str) -> Path:
+    """The saved model at the end of Protocol C's stream (the output of ``online@<dataset>``)."""
+    return params.root / MODELS / "online" / dataset / f"{file_stem(category)}.pt"
+
+
+def online_report(params: Params, dataset: str) -> Path:
+    """Protocol C metrics and learning curve of one dataset (JSON)."""
+    return params.root / REPORTS / "online" / f"{dataset}.json"
+
+
+def learning_curve_csv(params: Params, dataset: str) -> Path:
+    """The learning curve of one dataset, a row per category and checkpoint (plus the category mean)."""
+    return params.root / REPORTS / "online" / f"{dataset}_curve.csv"
+
+
+def mean_learning_curve_csv(params: Params, dataset: str) -> Path:
+    """The category-mean learning curve of one dataset (the ``dvc plots`` source)."""
+    return params.root / REPORTS / "learning_curves" / f"{dataset}.csv"
+
+
+def learning_curve_plot(params: Params, dataset: str) -> Path:
+    """The learning-curve figure of one dataset."""
+    return params.root / REPORTS / "plots" / f"learning_curve_{dataset}.png"

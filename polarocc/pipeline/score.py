@@ -20,23 +20,25 @@ from polarocc.scoring.metrics import image_auroc, pixel_auroc
 
 
 def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
-                device: str = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per model, (image scores (N,), anomaly maps (N, crop, crop) float32) of a store's test split.
+                device: str = "cpu", split: str = "test",
+                keep_maps: bool = True) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per model, (image scores (N,), anomaly maps (N, crop, crop) float32 or None) of a store's split.
 
-    The test features are read once, one shard at a time, and shared by every model.
+    The features are read once, one shard at a time, and shared by every model.
     """
     models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
     crop = int(store.attrs["geometry"]["crop"])
     scores: list[list[np.ndarray]] = [[] for _ in models]
     maps: list[list[np.ndarray]] = [[] for _ in models]
-    for _, features in store.batches("test"):
+    for _, features in store.batches(split):
         batch = torch.from_numpy(features).to(device)
         for i, (projector, center) in enumerate(models):
             batch_maps, batch_scores = score_batch(projector, center, batch, crop, cfg.sigma, cfg.reduction,
                                                    cfg.topk, cfg.squared)
-            maps[i].append(batch_maps.float().cpu().numpy())
+            if keep_maps:
+                maps[i].append(batch_maps.float().cpu().numpy())
             scores[i].append(batch_scores.double().cpu().numpy())
-    return [(np.concatenate(s), np.concatenate(m)) for s, m in zip(scores, maps, strict=True)]
+    return [(np.concatenate(s), np.concatenate(m) if keep_maps else None) for s, m in zip(scores, maps, strict=True)]
 
 
 def category_metrics(store: FeatureStore, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,17 @@ from polarocc.training.schedule import TrainHistory
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def fit_store(store: FeatureStore, params: Params, norm: float,
-              distributions: tuple[str, ...]) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
-    """Train one projector per center distribution on a category store.
+def fit_store(store: FeatureStore, params: Params, norm: float, distributions: tuple[str, ...],
+              cfg: TrainConfig | None = None, on_step: Callable[[str, int, Projector], None] | None = None,
+              ) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
+    """Train one projector per center distribution on a category store (``cfg`` defaults to ``train``).
 
     The Gram shortcut is exact only while no training pixel lies within R of the center; the final
     models are checked on every training pixel in one shared pass, and a model that fails is retrained
-    with the direct trainer.
+    with the direct trainer. ``on_step(distribution, images_seen, projector)`` follows every step; after
+    a retraining it starts again from the first step.
     """
-    cfg = params.train
+    cfg = cfg or params.train
     channels = store.channels
     dtype = DTYPES[cfg.dtype]
     mean = store.feature_mean() if "feature_mean" in distributions else None
@@ -45,9 +48,13 @@ def fit_store(store: FeatureStore, params: Params, norm: float,
     def load_batch(indices: np.ndarray) -> np.ndarray:
         return train_features.oindex[np.sort(indices)]
 
+    def observer(distribution: str, projector: Projector) -> Callable[[int], None] | None:
+        return None if on_step is None else lambda seen: on_step(distribution, seen, projector)
+
     def direct(distribution: str, note: str | None = None) -> tuple[Projector, torch.Tensor, TrainHistory]:
         projector = fresh()
-        history = train_direct(projector, centers[distribution], load_batch, train_features.shape[0], cfg)
+        history = train_direct(projector, centers[distribution], load_batch, train_features.shape[0], cfg,
+                               on_step=observer(distribution, projector))
         if note:
             history.notes.append(note)
         return projector, centers[distribution], history
@@ -59,7 +66,8 @@ def fit_store(store: FeatureStore, params: Params, norm: float,
     for distribution in distributions:
         projector = fresh()
         try:
-            history = train_gram(projector, centers[distribution], gram, sums, store.pixels_per_image, cfg)
+            history = train_gram(projector, centers[distribution], gram, sums, store.pixels_per_image, cfg,
+                                 on_step=observer(distribution, projector))
             fitted[distribution] = (projector, centers[distribution], history)
         except ShortcutInvalid as exc:
             warnings.warn(f"{store.path} {distribution}: {exc}; retraining with the direct trainer", stacklevel=2)

@@ -38,3 +38,25 @@ def norm_sweep_plot(means: pl.DataFrame, out: Path, default_norm: float | None =
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def learning_curve_plot(curve: pl.DataFrame, out: Path) -> Path:
+    """Test image and pixel AUROC against normal images seen (Protocol C), a line per category, mean in black."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for col, metric in enumerate(("image_auroc", "pixel_auroc")):
+        ax = axes[0][col]
+        for category in curve["category"].unique(maintain_order=True).to_list():
+            part = curve.filter(pl.col("category") == category).sort("seen")
+            style = {"color": "black", "lw": 2.2} if category == "mean" else {"lw": 1, "alpha": 0.8}
+            ax.plot(part["seen"].to_list(), part[metric].to_list(), marker="o", ms=3, label=category, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("normal training images seen (batch 1, one pass)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(f"{curve['dataset'][0]}: {metric.replace('_', ' ')} (Protocol C)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -13,8 +13,32 @@ from polarocc.pipeline import paths
 KEYS = ["protocol", "dataset", "category", "distribution", "norm"]
 
 
+def _training(params: Params, protocol: str) -> dict:
+    # Each protocol trains with its own budget; the table records the one that produced the row.
+    t = params.train
+    epochs, batch_size, trainer = {
+        "A": (params.protocol_a.epochs, params.protocol_a.batch_size, "direct"),
+        "C": (1, 1, t.trainer),
+    }.get(protocol, (t.epochs, t.batch_size, t.trainer))
+    return {"trainer": trainer, "epochs": epochs, "batch_size": batch_size}
+
+
+def _row(params: Params, protocol: str, dataset: str, category: str, distribution: str, norm: float,
+         m: dict) -> dict:
+    return {
+        "protocol": protocol, "dataset": dataset, "category": category,
+        "distribution": distribution, "norm": float(norm), "image_auroc": m["image_auroc"],
+        "pixel_auroc": m["pixel_auroc"], "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
+        "backbone": params.backbone.name, "layers": "-".join(map(str, params.backbone.layers)),
+        "projector": params.projector.kind, "bias": params.projector.bias,
+        **_training(params, protocol), "lr": params.train.lr,
+        "weight_decay": params.train.weight_decay, "sigma": float(params.score.sigma),
+        "reduction": params.score.reduction, "center_seed": params.center.seed,
+    }
+
+
 def results_table(params: Params) -> pl.DataFrame:
-    """One row per dataset x category x distribution x norm of the current sweep."""
+    """One row per protocol x dataset x category x distribution x norm of the current params."""
     rows = []
     payloads: dict[float, dict] = {}
     for distribution, norm in params.variants():
@@ -32,18 +56,14 @@ def results_table(params: Params) -> pl.DataFrame:
             for category, m in categories.items():
                 if dataset in params.datasets and category not in params.datasets[dataset].categories:
                     continue
-                rows.append({
-                    "protocol": m.get("protocol", "B"), "dataset": dataset, "category": category,
-                    "distribution": distribution, "norm": float(norm), "image_auroc": m["image_auroc"],
-                    "pixel_auroc": m["pixel_auroc"],
-                    "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
-                    "backbone": params.backbone.name, "layers": "-".join(map(str, params.backbone.layers)),
-                    "projector": params.projector.kind, "bias": params.projector.bias,
-                    "trainer": params.train.trainer, "epochs": params.train.epochs,
-                    "batch_size": params.train.batch_size, "lr": params.train.lr,
-                    "weight_decay": params.train.weight_decay, "sigma": float(params.score.sigma),
-                    "reduction": params.score.reduction, "center_seed": params.center.seed,
-                })
+                rows.append(_row(params, m.get("protocol", "B"), dataset, category, distribution, norm, m))
+    for dataset in params.protocol_c.datasets:
+        path = paths.online_report(params, dataset)
+        if not path.is_file():
+            raise FileNotFoundError(f"missing Protocol C results at {path}; run the online stage "
+                                    f"(dvc repro online@{dataset})")
+        for category, m in json.loads(path.read_text())["results"].items():
+            rows.append(_row(params, "C", dataset, category, params.center.distribution, params.center.norm, m))
     return pl.DataFrame(rows, schema_overrides={"pixel_auroc": pl.Float64}).sort(KEYS)
 
 
@@ -64,7 +84,7 @@ def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
     means = sweep_means(table)
     metrics: dict[str, dict] = {}
     for dataset in [*params.datasets, *params.protocol_a.datasets]:
-        ds = means.filter(pl.col("dataset") == dataset)
+        ds = means.filter((pl.col("dataset") == dataset) & (pl.col("protocol") != "C"))
         default = ds.filter((pl.col("distribution") == params.center.distribution)
                             & (pl.col("norm") == float(params.center.norm)))
         at_default_norm = ds.filter(pl.col("norm") == float(params.center.norm))["image_auroc"]
@@ -80,5 +100,9 @@ def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
         }
         if default["pixel_auroc"].item() is not None:  # Protocol A is image-level only
             entry["pixel_auroc"] = round(default["pixel_auroc"].item(), 4)
+        online = means.filter((pl.col("dataset") == dataset) & (pl.col("protocol") == "C"))
+        if online.height:
+            entry["online_image_auroc"] = round(online["image_auroc"].item(), 4)
+            entry["online_pixel_auroc"] = round(online["pixel_auroc"].item(), 4)
         metrics[dataset] = entry
     return metrics

@@ -20,13 +20,18 @@ def hinge_loss(z: torch.Tensor, center: torch.Tensor, radius: float) -> torch.Te
 
 
 def train_direct(projector: Projector, center: torch.Tensor, load_batch: Callable[[np.ndarray], np.ndarray],
-                 n_images: int, cfg: TrainConfig, device: str = "cpu") -> TrainHistory:
-    """Train ``projector`` in place; ``load_batch(indices)`` returns features (B, C, H, W)."""
+                 n_images: int, cfg: TrainConfig, device: str = "cpu",
+                 on_step: Callable[[int], None] | None = None) -> TrainHistory:
+    """Train ``projector`` in place; ``load_batch(indices)`` returns features (B, C, H, W).
+
+    ``on_step(images_seen)`` runs after every optimizer step, as in :func:`~polarocc.training.gram.train_gram`.
+    """
     dtype = projector.weight.dtype
     projector.to(device)
     c = center.to(device=device, dtype=dtype)
     optimizer = Adam(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory("direct")
+    seen = 0
     for batches in epoch_batches(n_images, cfg.batch_size, cfg.epochs, cfg.seed):
         epoch_loss = 0.0
         for batch in batches:
@@ -37,6 +42,9 @@ def train_direct(projector: Projector, center: torch.Tensor, load_batch: Callabl
             optimizer.step()
             history.steps += 1
             epoch_loss += float(loss.detach())
+            seen += len(batch)
+            if on_step is not None:
+                on_step(seen)
         history.log_epoch(epoch_loss / len(batches), projector.weight, projector.bias, c)
     projector.to("cpu")
     return history

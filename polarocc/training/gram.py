@@ -13,6 +13,8 @@ count or resolution, and the same Adam optimizer sees the same gradients as mini
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -35,8 +37,13 @@ def _batch_sum(stats: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
 
 
 def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sums: np.ndarray,
-               pixels_per_image: int, cfg: TrainConfig) -> TrainHistory:
-    """Train ``projector`` in place from per-image Gram matrices (N, C, C) and feature sums (N, C)."""
+               pixels_per_image: int, cfg: TrainConfig,
+               on_step: Callable[[int], None] | None = None) -> TrainHistory:
+    """Train ``projector`` in place from per-image Gram matrices (N, C, C) and feature sums (N, C).
+
+    ``on_step(images_seen)`` runs after every optimizer step (learning curves); it must not modify the
+    projector.
+    """
     dtype = projector.weight.dtype
     c = center.to(dtype)
     gram_t = torch.as_tensor(gram, dtype=dtype)
@@ -45,6 +52,7 @@ def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sum
     history = TrainHistory("gram")
     radius_sq = cfg.radius ** 2
     W, b = projector.weight, projector.bias
+    seen = 0
     for epoch, batches in enumerate(epoch_batches(len(gram_t), cfg.batch_size, cfg.epochs, cfg.seed), start=1):
         epoch_loss = 0.0
         for batch in batches:
@@ -65,5 +73,8 @@ def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sum
             optimizer.step()
             history.steps += 1
             epoch_loss += float(mean_sq) - radius_sq
+            seen += len(batch)
+            if on_step is not None:
+                on_step(seen)
         history.log_epoch(epoch_loss / len(batches), W, b, c)
     return history

@@ -37,3 +37,18 @@ class Adam:
              fused=None, grad_scale=None, found_inf=None, has_complex=False, amsgrad=False,
              beta1=self.betas[0], beta2=self.betas[1], lr=self.lr, weight_decay=self.weight_decay,
              eps=self.eps, maximize=False)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        """The moment estimates and step counts (for resuming an online run)."""
+        return {"exp_avg": [t.detach().cpu().clone() for t in self.exp_avg],
+                "exp_avg_sq": [t.detach().cpu().clone() for t in self.exp_avg_sq],
+                "steps": [t.clone() for t in self.steps]}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        """Restore what :meth:`state_dict` returned, onto the parameters' devices."""
+        if len(state["exp_avg"]) != len(self.params):
+            raise ValueError(f"optimizer state holds {len(state['exp_avg'])} parameters, expected {len(self.params)}")
+        for i, p in enumerate(self.params):
+            self.exp_avg[i] = state["exp_avg"][i].to(p)
+            self.exp_avg_sq[i] = state["exp_avg_sq"][i].to(p)
+            self.steps[i] = state["steps"][i].clone()

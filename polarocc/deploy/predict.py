@@ -1,0 +1,73 @@
+"""Score new images with a saved model: a CSV of scores and decisions, anomaly maps and overlay figures."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from polarocc.data.images import load_image, open_image
+from polarocc.deploy.artefact import ModelArtefact, Threshold
+from polarocc.deploy.detector import Detector
+from polarocc.deploy.inputs import output_names
+from polarocc.deploy.overlay import save_overlay
+from polarocc.deploy.threshold import quantile_threshold, radius_threshold, user_threshold
+from polarocc.errors import ConfigError
+
+COLUMNS = ["path", "score", "threshold", "anomalous", "map", "overlay"]
+
+
+def choose_threshold(artefact: ModelArtefact, value: float | None = None, quantile: float | None = None,
+                     radius: bool = False) -> Threshold:
+    """The decision threshold: given ``value``, a ``quantile`` of the model's normal training scores, the
+    paper's radius rule, or (none given) the threshold saved with the model."""
+    if sum(x is not None and x is not False for x in (value, quantile, radius)) > 1:
+        raise ConfigError("give at most one of --threshold, --quantile and --radius-threshold")
+    if value is not None:
+        return user_threshold(value)
+    if quantile is not None:
+        return quantile_threshold(artefact.normal_scores, quantile)
+    if radius:
+        return radius_threshold(float(artefact.train.get("radius", 1e-5)), bool(artefact.score["squared"]))
+    if artefact.threshold is None:
+        raise ConfigError("this model has no saved threshold (no normal training scores); give --threshold")
+    return artefact.threshold
+
+
+def check_readable(images: list[Path], progress: bool = True) -> None:
+    """Decode every image once before any scoring, so a bad file stops the run early, by name."""
+    for path in tqdm(images, desc="check images", unit="image", disable=not progress, leave=False):
+        open_image(path)
+
+
+def predict(detector: Detector, images: list[Path], out: Path, threshold: Threshold, batch_size: int = 16,
+            write_maps: bool = True, progress: bool = True) -> pl.DataFrame:
+    """Score ``images``; writes ``out/scores.csv`` row by row, and per image ``out/maps/<name>.npy`` (the
+    float32 anomaly map at the model's crop size) and ``out/overlays/<name>.png``."""
+    check_readable(images, progress)
+    names = output_names(images)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "scores.csv").open("w", newline="") as fh, tqdm(total=len(images), desc="predict", unit="image",
+                                                                disable=not progress) as bar:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        for start in range(0, len(images), batch_size):
+            paths, stems = images[start:start + batch_size], names[start:start + batch_size]
+            pixels = np.stack([load_image(p, detector.geometry) for p in paths])
+            maps, scores = detector.score(pixels)
+            for path, stem, image, anomaly_map, score in zip(paths, stems, pixels, maps, scores, strict=True):
+                map_file = overlay_file = ""
+                if write_maps:
+                    map_file = f"maps/{stem}.npy"
+                    (out / "maps").mkdir(exist_ok=True)
+                    np.save(out / map_file, anomaly_map.astype(np.float32))
+                    overlay_file = f"overlays/{stem}.png"
+                    save_overlay(out / overlay_file, image, anomaly_map, threshold.value, float(score))
+                writer.writerow([str(path), repr(float(score)), repr(threshold.value), bool(score > threshold.value),
+                                 map_file, overlay_file])
+            fh.flush()
+            bar.update(len(paths))
+    return pl.read_csv(out / "scores.csv", schema_overrides={"map": pl.String, "overlay": pl.String})

@@ -1,0 +1,279 @@
+"""The online use case: score each image of a stream, then learn from it if it looks normal.
+
+Test-then-train: every image is scored by the model as it was *before* seeing it (a prequential score),
+the decision is made, and only then (and only for images judged normal, unless the stream is declared
+clean) the projector takes one Adam step with batch size 1, the same step as Protocol C's trainer.
+
+The run can stop at any moment and resume: after every ``save_every`` images the projector, the
+optimizer's moments, the threshold window and the CSV length are written atomically to a state file.
+On resume the CSV is cut back to that length, so rows and updates after the last save are redone
+exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polarocc.config import Params
+from polarocc.data.images import load_image
+from polarocc.deploy.artefact import ModelArtefact, Threshold, save_artefact
+from polarocc.deploy.detector import Detector
+from polarocc.deploy.threshold import quantile_threshold
+from polarocc.errors import ConfigError, DataError, ModelError
+from polarocc.models.backbone import FeatureExtractor, build_extractor
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.training.direct import hinge_loss
+from polarocc.training.optim import Adam
+
+STATE_FORMAT = "polarocc-stream-state"
+COLUMNS = ["index", "path", "score", "threshold", "decision", "learned", "updates"]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How the stream decides and learns; a resumed run must use the same settings."""
+
+    clean: bool = False  # learn from every image (the stream is known to hold only normal images)
+    threshold: float | None = None  # a fixed threshold on the score scale
+    quantile: float | None = None  # adaptive: this quantile of the last `window` learned images' scores
+    window: int = 64
+    warmup: int = 0  # the first images are taken as normal whatever they score
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    radius: float = 1e-5
+    save_every: int = 1
+
+    def validate(self, has_model_threshold: bool) -> None:
+        """Reject settings that cannot make decisions."""
+        if self.threshold is not None and self.quantile is not None:
+            raise ConfigError("give --threshold (fixed) or --quantile (adaptive), not both")
+        if self.quantile is not None and not 0 < self.quantile <= 1:
+            raise ConfigError(f"--quantile must be in (0, 1], got {self.quantile}")
+        for name in ("window", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.warmup < 0:
+            raise ConfigError("--warmup must be >= 0")
+        decides = self.threshold is not None or has_model_threshold or (self.quantile is not None and self.warmup)
+        if not self.clean and not decides:
+            raise ConfigError("this stream cannot tell normal from anomalous images: the model has no threshold. "
+                              "Pass --clean (learn from every image), --threshold, or --quantile with --warmup N "
+                              "(the first N images are taken as normal)")
+
+
+def digest(paths: list[Path]) -> str:
+    """Identity of an ordered list of images (to check that a resumed run sees the same stream)."""
+    return hashlib.sha256("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cold_start_artefact(params: Params, extractor: FeatureExtractor) -> ModelArtefact:
+    """An untrained model from params.yaml: its backbone, the default center, a freshly initialised projector.
+
+    Nothing is learned from data: the center comes from ``center`` (distribution, norm, seed).
+    """
+    if params.center.distribution == "feature_mean":
+        raise ConfigError("params key 'center.distribution': a cold start has no features to average; use "
+                          "normal, uniform or ones")
+    b = params.backbone
+    spec = extractor.spec(b.crop)
+    center = make_center(params.center.distribution, params.center.norm, spec.channels, params.center.seed)
+    projector = Projector(spec.channels, params.projector.kind, params.projector.bias, seed=params.train.seed,
+                          dtype=torch.float64)
+    backbone = {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
+    t = params.train
+    return ModelArtefact(
+        projector=projector.state(), center=center, backbone=backbone,
+        geometry={"resize": b.resize, "crop": b.crop}, feature_shape=(spec.channels, spec.height, spec.width),
+        score={k: v for k, v in vars(params.score).items() if k != "device"}, threshold=None,
+        train={"lr": t.lr, "weight_decay": t.weight_decay, "radius": t.radius, "batch_size": 1, "seed": t.seed},
+        provenance={"protocol": "stream cold start", "distribution": params.center.distribution,
+                    "norm": float(params.center.norm)})
+
+
+def cold_start_extractor(params: Params) -> FeatureExtractor:
+    """The backbone params.yaml describes."""
+    b = params.backbone
+    return build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
+
+
+class OnlineLearner:
+    """A saved model that keeps learning: one Adam step per accepted image (batch 1, hinge loss)."""
+
+    def __init__(self, artefact: ModelArtefact, settings: StreamSettings, device: str = "cpu",
+                 extractor: FeatureExtractor | None = None) -> None:
+        self.artefact, self.settings = artefact, settings
+        self.detector = Detector(artefact, device, extractor, dtype=torch.float64)
+        self.projector = self.detector.projector.requires_grad_(True)
+        self.optimizer = Adam(self.projector.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.window: deque[float] = deque(artefact.normal_scores[-settings.window:], maxlen=settings.window)
+        self.processed = 0
+        self.updates = 0
+
+    def current_threshold(self) -> float | None:
+        """The threshold the next image is judged by (None while it cannot be told yet)."""
+        s = self.settings
+        if s.threshold is not None:
+            return s.threshold
+        if s.quantile is not None:
+            return quantile_threshold(list(self.window), s.quantile).value if self.window else None
+        return None if self.artefact.threshold is None else self.artefact.threshold.value
+
+    def learn(self, features: torch.Tensor) -> float:
+        """One optimizer step on one image's features (1, C, H, W); returns the loss before the step."""
+        # clone(): features made under inference mode cannot enter autograd.
+        loss = hinge_loss(self.projector(features.clone().to(self.projector.weight.dtype)),
+                          self.detector.center, self.settings.radius)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        return float(loss.detach())
+
+    def step(self, image: np.ndarray) -> dict[str, Any]:
+        """Score one uint8 RGB image (crop, crop, 3), decide, and learn from it if it is taken as normal."""
+        features = self.detector.features(image[None])
+        _, scores = self.detector.score_features(features)
+        score = float(scores[0])
+        threshold = self.current_threshold()
+        if self.processed < self.settings.warmup:
+            decision = "warmup"
+        elif threshold is None:
+            decision = "unknown"
+        else:
+            decision = "anomalous" if score > threshold else "normal"
+        learned = self.settings.clean or decision in ("warmup", "normal")
+        if learned:
+            self.learn(features)
+            self.window.append(score)
+        self.processed += 1
+        return {"score": score, "threshold": threshold, "decision": decision, "learned": learned}
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs."""
+        return {"projector": self.projector.state(), "optimizer": self.optimizer.state_dict(),
+                "window": list(self.window), "processed": self.processed, "updates": self.updates}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`."""
+        with torch.no_grad():
+            self.projector.weight.copy_(state["projector"]["weight"])
+            if self.projector.bias is not None:
+                self.projector.bias.copy_(state["projector"]["bias"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.window = deque(state["window"], maxlen=self.settings.window)
+        self.processed, self.updates = int(state["processed"]), int(state["updates"])
+
+    def as_artefact(self) -> ModelArtefact:
+        """The model as it is now, with its current threshold, as a file for ``polarocc predict``."""
+        threshold = self.current_threshold()
+        rule = "user" if self.settings.threshold is not None else "quantile"
+        quantile = self.settings.quantile if self.settings.quantile is not None else (
+            None if self.artefact.threshold is None else self.artefact.threshold.quantile)
+        return ModelArtefact(
+            projector=self.projector.state(), center=self.artefact.center, backbone=self.artefact.backbone,
+            geometry=self.artefact.geometry, feature_shape=self.artefact.feature_shape, score=self.artefact.score,
+            threshold=None if threshold is None else Threshold(threshold, rule, quantile),
+            normal_scores=list(self.window), train={**self.artefact.train, "stream_updates": self.updates},
+            provenance={**self.artefact.provenance, "stream_images": self.processed})
+
+
+def save_state(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a crash leaves the previous state file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+def _resume(learner: OnlineLearner, state_path: Path, csv_path: Path, images: list[Path], identity: dict) -> int:
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise DataError(f"{state_path} is not a polarocc stream state file")
+    for key, value in identity.items():
+        if state["identity"][key] != value:
+            raise ConfigError(f"cannot resume from {state_path}: its {key} differs from this run's "
+                              f"({state['identity'][key]!r} != {value!r}); pass the same model and options, "
+                              "or --restart")
+    processed = int(state["learner"]["processed"])
+    if processed > len(images) or digest(images[:processed]) != state["inputs_digest"]:
+        raise DataError(f"cannot resume from {state_path}: the first {processed} input images differ from the "
+                        "ones already processed (files renamed, removed or reordered); pass --restart to begin again")
+    if not csv_path.is_file() or csv_path.stat().st_size < state["csv_bytes"]:
+        raise DataError(f"cannot resume: {csv_path} is missing or shorter than the state file records; "
+                        "pass --restart to begin again")
+    with csv_path.open("r+b") as fh:  # drop rows written after the last saved state: they are redone
+        fh.truncate(state["csv_bytes"])
+    learner.restore(state["learner"])
+    return processed
+
+
+def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state_path: Path, model_path: str,
+               restart: bool = False, progress: bool = True,
+               on_image: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Process ``images`` in order with test-then-train, appending a CSV row per image.
+
+    Resumes from ``state_path`` when it exists (unless ``restart``). ``on_image(index)`` runs after each
+    image's row and state are written. Returns counts of images processed in this call and in total.
+    """
+    identity = {"model": model_path, "settings": asdict(learner.settings)}
+    if restart:
+        for path in (state_path, csv_path):
+            path.unlink(missing_ok=True)
+    start = 0
+    if state_path.is_file():
+        start = _resume(learner, state_path, csv_path, images, identity)
+    elif csv_path.is_file() and csv_path.stat().st_size:
+        raise DataError(f"{csv_path} exists but there is no state file {state_path} to resume from; pass --restart "
+                        "to overwrite it, or choose another --csv")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    needs_header = not csv_path.is_file() or csv_path.stat().st_size == 0
+    geometry = learner.detector.geometry
+    with csv_path.open("a", newline="") as fh, tqdm(total=len(images), initial=start, desc="stream", unit="image",
+                                                    disable=not progress) as bar:
+        writer = csv.writer(fh)
+        if needs_header:
+            writer.writerow(COLUMNS)
+
+        def checkpoint() -> None:
+            fh.flush()
+            os.fsync(fh.fileno())
+            save_state(state_path, {"format": STATE_FORMAT, "identity": identity, "learner": learner.state(),
+                                    "inputs_digest": digest(images[:learner.processed]), "csv_bytes": fh.tell()})
+
+        if start == 0:
+            checkpoint()
+        for index in range(start, len(images)):
+            row = learner.step(load_image(images[index], geometry))
+            threshold = "" if row["threshold"] is None else repr(float(row["threshold"]))
+            writer.writerow([index, str(images[index]), repr(row["score"]), threshold, row["decision"],
+                             row["learned"], learner.updates])
+            if (index + 1 - start) % learner.settings.save_every == 0 or index + 1 == len(images):
+                checkpoint()
+            bar.update()
+            if on_image is not None:
+                on_image(index)
+    return {"processed": len(images) - start, "total": learner.processed, "updates": learner.updates}
+
+
+def save_stream_model(learner: OnlineLearner, path: Path) -> Path:
+    """Write the current model as a file :func:`polarocc.deploy.artefact.load_artefact` reads."""
+    if learner.processed == 0:
+        raise ModelError("nothing was learned yet")
+    return save_artefact(path, learner.as_artefact())

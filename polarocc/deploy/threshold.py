@@ -1,0 +1,38 @@
+"""Decision thresholds on image scores: explicit, never chosen on test labels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from polarocc.deploy.artefact import Threshold
+from polarocc.errors import ConfigError
+
+
+def quantile_threshold(normal_scores: np.ndarray | list[float], quantile: float) -> Threshold:
+    """The ``quantile`` of normal image scores (an observed score, numpy's 'higher' method).
+
+    Scores of the images the projector was trained on are lower than those of unseen normal images, so a
+    quantile below 1 flags some unseen normal images; that is the price of needing no labelled anomalies.
+    """
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    if not 0 < quantile <= 1:
+        raise ConfigError(f"threshold quantile must be in (0, 1], got {quantile}")
+    if scores.size == 0:
+        raise ConfigError("a quantile threshold needs normal scores; give --threshold explicitly")
+    return Threshold(float(np.quantile(scores, quantile, method="higher")), "quantile", float(quantile))
+
+
+def radius_threshold(radius: float, squared: bool) -> Threshold:
+    """The paper's rule d > R (R = 1e-5): on the score scale, R^2 for squared maps, else R.
+
+    Training never brings every normal pixel within R of the center, so every image lies above it: usable
+    to reproduce the paper's definition, not to make decisions.
+    """
+    return Threshold(float(radius) ** 2 if squared else float(radius), "radius")
+
+
+def user_threshold(value: float) -> Threshold:
+    """A threshold the user gives on the score scale."""
+    if not np.isfinite(value):
+        raise ConfigError(f"threshold must be a finite number, got {value}")
+    return Threshold(float(value), "user")

@@ -1,0 +1,130 @@
+"""Stage ``online``: Protocol C, one cold-start pass over the normal stream, with a learning curve.
+
+Batch size 1, one epoch, the training images in a seeded order, the center random from the start. The
+test set is scored at 1, 2, 4, ... and all images seen; scoring works on a copy of the projector, so the
+checkpoints leave the training trajectory untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from polarocc.config import Params, ScoreConfig, TrainConfig
+from polarocc.deploy.artefact import save_artefact
+from polarocc.errors import ConfigError
+from polarocc.features.extract import pick_device
+from polarocc.features.store import FeatureStore
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.pipeline import paths
+from polarocc.pipeline.export import build_artefact
+from polarocc.pipeline.score import score_store
+from polarocc.pipeline.train import fit_store
+from polarocc.reports.plots import learning_curve_plot
+from polarocc.scoring.metrics import image_auroc, pixel_auroc
+
+
+def online_config(params: Params) -> TrainConfig:
+    """Protocol C's training settings: ``train`` with batch size 1, one epoch and the stream's order seed."""
+    return replace(params.train, epochs=1, batch_size=1, seed=params.protocol_c.seed)
+
+
+def checkpoints(n_images: int) -> list[int]:
+    """Images seen at which the learning curve is evaluated: 1, 2, 4, ... and ``n_images``."""
+    marks = [1 << k for k in range(max(n_images, 1).bit_length()) if 1 << k < n_images]
+    return [*marks, n_images]
+
+
+class LearningCurve:
+    """Scores the test split at checkpoints during training; the projector itself is never touched."""
+
+    def __init__(self, store: FeatureStore, center: torch.Tensor, cfg: ScoreConfig, marks: list[int],
+                 device: str = "cpu") -> None:
+        self.store, self.center, self.cfg, self.device = store, center, cfg, device
+        self.marks = set(marks)
+        self.labels = np.array([s.label for s in store.samples("test")])
+        self.masks = store.masks()
+        self.points: dict[int, dict[str, float]] = {}
+        self.final_scores: np.ndarray | None = None
+
+    def evaluate(self, projector: Projector) -> tuple[dict[str, float], np.ndarray]:
+        """Test image and pixel ROC AUC of a copy of ``projector``, and its image scores."""
+        frozen = copy.deepcopy(projector).requires_grad_(False)
+        [(scores, maps)] = score_store(self.store, [(frozen, self.center)], self.cfg, self.device)
+        return {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel_auroc(self.masks, maps)}, scores
+
+    def __call__(self, distribution: str, seen: int, projector: Projector) -> None:
+        if seen in self.marks:
+            self.points[seen], scores = self.evaluate(projector)
+            if seen == max(self.marks):
+                self.final_scores = scores
+
+
+def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tuple[dict, tuple]:
+    """Protocol C on one category: (metrics with the learning curve, (projector, center, history))."""
+    n_train = store.features("train").shape[0]
+    distribution = params.center.distribution
+    # The same center fit_store draws (cold start: no data involved).
+    center = make_center(distribution, params.center.norm, store.channels, params.center.seed)
+    curve = LearningCurve(store, center, params.score, checkpoints(n_train), device)
+    [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
+                                               online_config(params), curve).values()
+    final = curve.points[n_train]
+    samples = store.samples("test")
+    metrics = {
+        "protocol": "C", **final, "n_train": n_train, "n_test": len(samples), "n_anomalous": int(curve.labels.sum()),
+        "curve": [{"seen": seen, **curve.points[seen]} for seen in sorted(curve.points)],
+        "scores": [round(float(s), 6) for s in curve.final_scores], "labels": curve.labels.tolist(),
+        "trainer": history.trainer, "steps": history.steps,
+    }
+    return metrics, (projector, center, history)
+
+
+def curve_table(results: dict[str, dict], dataset: str) -> pl.DataFrame:
+    """Long learning-curve table: a row per category and checkpoint, plus the category mean."""
+    rows = [{"dataset": dataset, "category": category, **point}
+            for category, m in results.items() for point in m["curve"]]
+    table = pl.DataFrame(rows, schema_overrides={"category": pl.String})
+    # Categories of different sizes end at different counts; the mean covers the checkpoints all share.
+    shared = (table.group_by("seen").agg(pl.len().alias("n")).filter(pl.col("n") == len(results))["seen"])
+    mean = (table.filter(pl.col("seen").is_in(shared.implode())).group_by(["dataset", "seen"])
+            .agg(pl.col("image_auroc").mean(), pl.col("pixel_auroc").mean())
+            .with_columns(pl.lit("mean").alias("category")).select(table.columns))
+    return pl.concat([table, mean]).sort(["category", "seen"])
+
+
+def run_online(params: Params, dataset: str, progress: bool = True) -> dict[str, dict]:
+    """Protocol C on every category of ``dataset``; writes models, the JSON report, the curve CSV and plot."""
+    if dataset not in params.protocol_c.datasets:
+        raise ConfigError(f"dataset {dataset!r} is not listed under params key 'protocol_c.datasets'")
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = pick_device(params.score.device)
+    results: dict[str, dict] = {}
+    for category in tqdm(params.datasets[dataset].categories, desc=f"online {dataset}", unit="category",
+                         disable=not progress):
+        store = FeatureStore(paths.feature_store(params, dataset, category))
+        metrics, (projector, center, history) = run_category(store, params, device)
+        results[category] = metrics
+        provenance = {"protocol": "C", "dataset": dataset, "category": category,
+                      "distribution": params.center.distribution, "norm": float(params.center.norm)}
+        train = {**vars(online_config(params)), "history": history.to_dict()}
+        save_artefact(paths.online_model(params, dataset, category),
+                      build_artefact(projector, center, store, params, train, provenance, device))
+    report = paths.online_report(params, dataset)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({"dataset": dataset, "device": device, "results": results}, indent=1))
+    table = curve_table(results, dataset)
+    table.write_csv(paths.learning_curve_csv(params, dataset))
+    mean_curve = paths.mean_learning_curve_csv(params, dataset)
+    mean_curve.parent.mkdir(parents=True, exist_ok=True)
+    table.filter(pl.col("category") == "mean").select(["seen", "image_auroc", "pixel_auroc"]).write_csv(mean_curve)
+    learning_curve_plot(table, paths.learning_curve_plot(params, dataset))
+    return results
