@@ -91,6 +91,13 @@ def test_mismatched_backbone_or_geometry_fails_clearly(model_path: Path, tmp_pat
         model.check_features(model.backbone, {"resize": 256, "crop": 224}, "store")
     model.check_features({**model.backbone, "layers": (1, 2, 3)}, model.geometry, "store")  # same values pass
 
+    # Scoring through an extractor built differently from the model's backbone is refused by name.
+    from polarocc.models.backbone import build_extractor
+
+    two_levels = build_extractor("tf_efficientnet_lite0", (1, 2), pool=3, weights="package")
+    with pytest.raises(ModelError, match=r"backbone.layers: model \[1, 2, 3\], the given extractor \[1, 2\]"):
+        Detector(model, extractor=two_levels)
+
     # A model whose recorded geometry disagrees with what its backbone produces is refused when loaded to score.
     wrong = replace(model, geometry={"resize": 256, "crop": 224})
     with pytest.raises(ModelError, match=r"produces features of shape \(176, 56, 56\).*expects \(176, 16, 16\)"):
@@ -328,3 +335,37 @@ def test_cli_export_predict_and_stream(trained: Path, model_path: Path, mvtec_tr
     assert load_artefact(tmp_path / "streamed.pt").provenance["stream_images"] == 6
     neither = runner.invoke(app, ["stream", str(mvtec_tree)])
     assert neither.exit_code == 2 and "--model FILE or --cold-start" in neither.output
+
+
+def test_stream_killed_with_sigkill_resumes_to_the_same_rows(model_path: Path, mvtec_tree: Path,
+                                                             tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = [*sorted((mvtec_tree / "brick/train/good").glob("*.png")), *_test_images(mvtec_tree)]
+    listing = tmp_path / "stream.txt"
+    listing.write_text("\n".join(str(p) for p in images) + "\n")
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "polarocc.cli", "stream", "--list", str(listing), "--model", str(model_path),
+                "--clean", "--device", "cpu", "--csv", str(tmp_path / f"{name}.csv"), "--state",
+                str(tmp_path / f"{name}.pt")]
+
+    whole = subprocess.run(command("whole"), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    victim = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = tmp_path / "killed.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not rows.is_file() or len(rows.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    written = len(rows.read_text().splitlines()) - 1
+    assert 4 <= written < len(images), "the kill should land mid-stream"
+    resumed = subprocess.run(command("killed"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{len(images)} in all; {len(images)} updates" in resumed.stdout
+    assert _rows(rows) == _rows(tmp_path / "whole.csv")

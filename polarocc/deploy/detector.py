@@ -19,9 +19,10 @@ def build_model_extractor(artefact: ModelArtefact) -> FeatureExtractor:
 
 
 class Detector:
-    """Scores images with a saved model; ``extractor`` may be passed in to share or replace the backbone.
+    """Scores images with a saved model; ``extractor`` may be passed in to share an already built backbone.
 
-    A passed-in extractor must produce the feature shape the model was trained on.
+    A passed-in extractor must be built like the model's (same name, weights, layers, pooling and
+    normalisation) and produce the feature shape the model was trained on.
     """
 
     def __init__(self, artefact: ModelArtefact, device: str = "cpu", extractor: FeatureExtractor | None = None,
@@ -29,6 +30,8 @@ class Detector:
         self.artefact = artefact
         self.device = device
         self.geometry = Geometry(int(artefact.geometry["resize"]), int(artefact.geometry["crop"]))
+        if extractor is not None and extractor.description is not None:
+            artefact.check_features(extractor.description, artefact.geometry, "the given extractor")
         self.extractor = (extractor or build_model_extractor(artefact)).to(device)
         spec = self.extractor.spec(self.geometry.crop)
         artefact.check_feature_shape((spec.channels, spec.height, spec.width), f"backbone {artefact.backbone['name']}")

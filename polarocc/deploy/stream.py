@@ -264,6 +264,7 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
             threshold = "" if row["threshold"] is None else repr(float(row["threshold"]))
             writer.writerow([index, str(images[index]), repr(row["score"]), threshold, row["decision"],
                              row["learned"], learner.updates])
+            fh.flush()
             if (index + 1 - start) % learner.settings.save_every == 0 or index + 1 == len(images):
                 checkpoint()
             bar.update()

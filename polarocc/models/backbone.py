@@ -57,6 +57,8 @@ class FeatureExtractor(nn.Module):
         self.aggregate = MultiScaleAggregator(pool)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        # How it was built (name, weights, layers, pool, mean, std), so saved models can check they fit.
+        self.description: dict | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> float NCHW normalised with the model's mean/std."""
@@ -127,7 +129,10 @@ def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: 
     """Create the frozen extractor; ``weights`` is 'package', 'hub', 'none' (random) or a file path."""
     backbone = _create(name, weights, features_only=True, out_indices=tuple(layers))
     cfg = backbone.pretrained_cfg
-    return FeatureExtractor(backbone, pool, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))
+    extractor = FeatureExtractor(backbone, pool, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))
+    extractor.description = {"name": name, "weights": str(weights), "layers": list(layers), "pool": pool,
+                             "mean": extractor.mean.flatten().tolist(), "std": extractor.std.flatten().tolist()}
+    return extractor
 
 
 class PooledExtractor(FeatureExtractor):
