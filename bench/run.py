@@ -46,6 +46,8 @@ from polarocc.pipeline.train import fit_store  # noqa: E402
 from polarocc.training.direct import train_direct  # noqa: E402
 from polarocc.training.gram import train_gram  # noqa: E402
 
+BENCHES = ("extraction", "training_default", "training_1792", "dvc", "metrics")
+
 
 def bench_extraction(params, category: str = "brick") -> dict:
     """Images/s of the full extraction of one category (train + test) against the raw backbone forward
@@ -169,6 +171,34 @@ def bench_dvc() -> dict:
             "note": "cold: fresh git clone, empty DVC cache, converted Lite0 weights already in the user cache"}
 
 
+def bench_metrics(images: int = 100, side: int = 224, repeat: int = 5) -> dict:
+    """AUPRO and pixel F1-max on ``images`` random masks of side x side (median of ``repeat`` runs)."""
+    from polarocc.scoring.metrics import aupro, connected_regions, f1_max
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((images, side, side), dtype=bool)
+    for i in range(images // 2):  # half the images hold one to three rectangular defects
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, side - 40, 2)
+            masks[i, y:y + rng.integers(5, 40), x:x + rng.integers(5, 40)] = True
+    maps = (rng.random(masks.shape) + masks * 0.5).astype(np.float32)
+
+    def median_seconds(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    return {"images": images, "side": side, "aupro_s": round(median_seconds(lambda: aupro(masks, maps)), 3),
+            "aupro_given_regions_s": round(median_seconds(
+                lambda: aupro(masks, maps, regions=connected_regions(masks))), 3),
+            "pixel_f1_max_s": round(median_seconds(lambda: f1_max(masks, maps)), 3),
+            "note": "AUPRO: connected components, a partial selection of the FPR-0.3 score and one sort of the "
+                    "pixels above it; F1-max: one sort of every pixel"}
+
+
 def to_markdown(result: dict) -> str:
     """A short table of the headline numbers against their targets."""
     lines = ["# Benchmarks", "", f"Machine: {result['machine']}", "",
@@ -191,6 +221,11 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| cold `dvc repro` | {dv['cold_repro_s']} s | about 300 s |")
         lines.append(f"| new norm sweep `dvc exp run -S sweep.norms=[1,3]` | {dv['new_norm_sweep_s']} s "
                      f"(stages: {', '.join(dv['sweep_stages_run'])}) | <= 30 s, no extraction |")
+    me = result.get("metrics")
+    if me:
+        lines.append(f"| AUPRO (FPR <= 0.3), {me['images']} masks of {me['side']}x{me['side']} | {me['aupro_s']} s "
+                     f"| <= 1 s |")
+        lines.append(f"| pixel F1-max, same maps | {me['pixel_f1_max_s']} s | |")
     lines += ["", "Notes:"] + [f"- {k}: {v['note']}" for k, v in result.items() if isinstance(v, dict) and "note" in v]
     return "\n".join(lines) + "\n"
 
@@ -198,25 +233,25 @@ def to_markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-dvc", action="store_true", help="skip the cold pipeline and sweep timings")
+    parser.add_argument("--only", choices=BENCHES, action="append",
+                        help="run only these benchmarks; the others keep their last results in reports/bench.json")
     args = parser.parse_args()
     os.chdir(ROOT)
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_params()
     result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                f"torch {torch.__version__}"}
-    print("extraction ...", flush=True)
-    result["extraction"] = bench_extraction(params)
-    print("training at the default channels ...", flush=True)
-    result["training_default"] = bench_training_default(params)
-    print("training at 1792 channels ...", flush=True)
-    result["training_1792"] = bench_training_wide()
-    if not args.skip_dvc:
-        print("cold dvc repro and a new norm sweep ...", flush=True)
-        result["dvc"] = bench_dvc()
+    previous = ROOT / "reports" / "bench.json"
+    if previous.is_file():  # keep the last results of benchmarks not run now
+        last = json.loads(previous.read_text())
+        result.update({k: v for k, v in last.items() if k in BENCHES})
+    chosen = args.only or [b for b in BENCHES if not (args.skip_dvc and b == "dvc")]
+    runs = {"extraction": lambda: bench_extraction(params), "training_default": lambda: bench_training_default(params),
+            "training_1792": bench_training_wide, "dvc": bench_dvc, "metrics": bench_metrics}
+    for name in chosen:
+        print(f"{name} ...", flush=True)
+        result[name] = runs[name]()
     out = ROOT / "reports"
-    previous = out / "bench.json"
-    if args.skip_dvc and previous.is_file() and "dvc" in json.loads(previous.read_text()):
-        result["dvc"] = json.loads(previous.read_text())["dvc"]  # keep the last measured pipeline timings
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(to_markdown(result))
     print(to_markdown(result))

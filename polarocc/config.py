@@ -65,6 +65,32 @@ class ProtocolCConfig:
     seed: int = 1024
 
 
+PEER_METHODS = ("patchcore", "padim", "untrained")
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """Peer detectors scored on the same cached features as the projector."""
+
+    methods: tuple[str, ...] = PEER_METHODS
+    coreset_ratio: float = 0.01  # PatchCore: fraction of patch features kept by the greedy coreset
+    k: int = 1  # PatchCore: nearest bank vectors averaged per patch
+    projection_dim: int = 128  # PatchCore: random projection used while selecting the coreset
+    padim_channels: int = 100  # PaDiM: random channel subset (0 keeps all)
+    padim_covariance: str = "per_position"  # PaDiM: per_position | shared (memory-aware)
+    padim_eps: float = 0.01
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The analysis reports (feasibility, training budget, figures)."""
+
+    tolerance: float = 0.01  # a norm is feasible while its AUROC is within this of the best swept norm
+    budget_epochs: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 50)  # AUROC-vs-epoch evaluation points
+    tsne_points: int = 600  # per center distribution
+    overlays_per_category: int = 3
+
+
 @dataclass(frozen=True)
 class DeployConfig:
     """Saved models for ``polarocc predict``/``stream``: the default decision threshold."""
@@ -179,6 +205,8 @@ class Params:
     protocol_a: ProtocolAConfig = field(default_factory=ProtocolAConfig)
     protocol_c: ProtocolCConfig = field(default_factory=ProtocolCConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     root: Path = Path(".")
 
     def variants(self) -> list[tuple[str, float]]:
@@ -278,6 +306,8 @@ def parse_params(raw: dict[str, Any], root: Path | str = ".") -> Params:
         sweep=_build(SweepConfig, _section(raw, "sweep"), "sweep"),
         protocol_c=_build(ProtocolCConfig, _section(raw, "protocol_c"), "protocol_c"),
         deploy=_build(DeployConfig, _section(raw, "deploy"), "deploy"),
+        peers=_build(PeersConfig, _section(raw, "peers"), "peers"),
+        analysis=_build(AnalysisConfig, _section(raw, "analysis"), "analysis"),
         root=Path(root),
     )
     _validate_values(params)
@@ -360,6 +390,23 @@ def _validate_values(p: Params) -> None:
              "normal, uniform or ones (or empty protocol_c.datasets)")
     q = p.deploy.threshold_quantile
     _require(_is_number(q) and 0 < q <= 1, "deploy.threshold_quantile", f"must be in (0, 1], got {q!r}")
+
+    pe = p.peers
+    for method in pe.methods:
+        _choice(method, PEER_METHODS, "peers.methods")
+    _require(_is_number(pe.coreset_ratio) and 0 < pe.coreset_ratio <= 1, "peers.coreset_ratio", "must be in (0, 1]")
+    _positive_int(pe.k, "peers.k")
+    _positive_int(pe.projection_dim, "peers.projection_dim")
+    _require(isinstance(pe.padim_channels, int) and pe.padim_channels >= 0, "peers.padim_channels",
+             "must be a channel count (0 keeps all)")
+    _choice(pe.padim_covariance, ("per_position", "shared"), "peers.padim_covariance")
+    _require(_is_number(pe.padim_eps) and pe.padim_eps > 0, "peers.padim_eps", "must be positive")
+    an = p.analysis
+    _require(_is_number(an.tolerance) and 0 <= an.tolerance < 1, "analysis.tolerance", "must be in [0, 1)")
+    _require(len(an.budget_epochs) > 0 and all(isinstance(e, int) and e > 0 for e in an.budget_epochs),
+             "analysis.budget_epochs", "must list positive epoch numbers")
+    _positive_int(an.tsne_points, "analysis.tsne_points")
+    _positive_int(an.overlays_per_category, "analysis.overlays_per_category")
 
     _require(len(p.sweep.norms) > 0, "sweep.norms", "must list at least one norm")
     for i, norm in enumerate(p.sweep.norms):

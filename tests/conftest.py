@@ -37,6 +37,7 @@ def tiny_params(default_params: dict) -> dict:
     raw["train"].update(epochs=3, batch_size=4)
     raw["sweep"] = {"norms": [1, 8], "distributions": ["normal", "ones"]}
     raw["protocol_a"].update(resize=32, crop=32, epochs=2)
+    raw["analysis"].update(tsne_points=60, overlays_per_category=2)
     raw["protocol_a"]["datasets"]["digits"]["classes"] = ["0", "7"]
     return raw
 

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from polarocc.errors import DataError
 from polarocc.models.projector import Projector
 from polarocc.scoring.maps import distance_maps, gaussian_blur, reduce_maps, score_batch
-from polarocc.scoring.metrics import image_auroc, pixel_auroc, rank_auroc
+from polarocc.scoring.metrics import aupro, f1_max, image_auroc, pixel_auroc, rank_auroc
 
 
 def test_image_auroc_hand_cases() -> None:
@@ -78,3 +78,66 @@ def test_distance_maps_and_scores() -> None:
     assert distance_maps(projector, center, features, squared=False)[0, 1, 1] == 5.0
     maps, scores = score_batch(projector, center, features, image_size=8, sigma=0)
     assert maps.shape == (1, 8, 8) and float(scores[0]) == pytest.approx(float(maps.max()))
+
+
+def _slow_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """The textbook definition: a loop over every distinct threshold, regions measured one by one."""
+    from scipy.ndimage import label
+
+    regions = []
+    for i, mask in enumerate(masks):
+        labelled, count = label(mask, structure=np.ones((3, 3)))
+        regions += [(i, labelled == r) for r in range(1, count + 1)]
+    normal = ~masks.astype(bool)
+    points = [(0.0, 0.0)]
+    for threshold in np.unique(maps)[::-1]:
+        predicted = maps >= threshold
+        fpr = (predicted & normal).sum() / normal.sum()
+        pro = np.mean([(predicted[i] & region).sum() / region.sum() for i, region in regions])
+        points.append((fpr, pro))
+    fprs, pros = np.array(points).T
+    keep = fprs <= fpr_limit
+    xs, ys = list(fprs[keep]), list(pros[keep])
+    if xs[-1] < fpr_limit and keep.sum() < len(fprs):
+        j = int(keep.sum())
+        ys.append(pros[j - 1] + (fpr_limit - fprs[j - 1]) / (fprs[j] - fprs[j - 1]) * (pros[j] - pros[j - 1]))
+        xs.append(fpr_limit)
+    area = sum((xs[k + 1] - xs[k]) * (ys[k + 1] + ys[k]) / 2 for k in range(len(xs) - 1))
+    return area / fpr_limit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_aupro_matches_the_threshold_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((4, 20, 20), dtype=bool)
+    for i in range(3):  # a few blobs of various sizes, one image defect-free
+        for _ in range(rng.integers(1, 4)):
+            y, x, h, w = rng.integers(0, 16), rng.integers(0, 16), rng.integers(1, 6), rng.integers(1, 6)
+            masks[i, y:y + h, x:x + w] = True
+    maps = rng.random(masks.shape) + masks * rng.uniform(0, 1.0)
+    if seed % 2:  # heavy ties, as smoothed or quantised maps have
+        maps = np.round(maps * 8) / 8
+    for limit in (0.3, 1.0, 0.05):
+        assert aupro(masks, maps, limit) == pytest.approx(_slow_aupro(masks, maps, limit), abs=1e-6)
+
+
+def test_aupro_extremes() -> None:
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 2:4, 2:5] = True
+    masks[1, 6:8, 0:2] = True
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0)  # every region found before any false alarm
+    assert aupro(masks, (~masks).astype(float)) == pytest.approx(0.0)
+    with pytest.raises(DataError):
+        aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
+
+
+def test_f1_max_matches_sklearn_precision_recall() -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(500) < 0.2
+    scores = np.round(rng.random(500) + labels * 0.4, 2)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0)
+    assert f1_max(labels, scores) == pytest.approx(f1.max(), abs=1e-12)
+    assert f1_max([0, 1, 1], [0.1, 0.9, 0.8]) == 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
 
     first = _stages_run(_run(["dvc", "repro"], project))
     assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
-            "online@textures", "export", "aggregate"} <= first
+            "online@textures", "export", "peers", "analyze", "aggregate", "report"} <= first
 
     table = read_results(project / "reports/results.csv")
     online = table.filter(pl.col("protocol") == "C")
@@ -53,8 +54,15 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     assert (project / "models/online/textures/gravel.pt").is_file()
     plots = _run(["dvc", "plots", "show", "--json"], project)
     assert "reports/learning_curves/textures.csv" in plots
-    table = table.filter(pl.col("protocol") != "C")
+    peers = table.filter(pl.col("method") != "projector")
+    assert peers.group_by("method").len().sort("method").rows() == [("padim", 4), ("patchcore", 4), ("untrained", 4)]
+    assert metrics["textures"]["patchcore_image_auroc"] == pytest.approx(
+        peers.filter((pl.col("method") == "patchcore") & (pl.col("dataset") == "textures"))["image_auroc"].mean(),
+        abs=1e-4)
+    _check_report(project, table)
+    table = table.filter((pl.col("protocol") != "C") & (pl.col("method") == "projector"))
     assert table.height == (2 + 2) * 2 * 2  # (categories + digit classes) x distributions x norms
+    assert table.filter(pl.col("protocol") == "B")["aupro"].is_between(0, 1).all()
     digits = table.filter(pl.col("protocol") == "A")
     assert set(digits["dataset"]) == {"digits"} and set(digits["category"]) == {"0", "7"}
     assert digits["pixel_auroc"].null_count() == digits.height
@@ -73,7 +81,46 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     params_dict["sweep"]["norms"] = [1, 3]
     write_params(params_dict, project)
     second = _stages_run(_run(["dvc", "repro"], project))
-    assert second == {"train@3", "score@3", "aggregate"}
-    table = read_results(project / "reports/results.csv").filter(pl.col("protocol") != "C")
+    assert second == {"train@3", "score@3", "aggregate", "report"}
+    table = read_results(project / "reports/results.csv").filter(
+        (pl.col("protocol") != "C") & (pl.col("method") == "projector"))
     assert sorted(set(table["norm"])) == [1.0, 3.0]
     assert table.height == (2 + 2) * 2 * 2  # the dropped norm 8 leaves no stale rows
+
+
+def _section(report: str, title: str) -> str:
+    body = report.split(f"## {title}\n", 1)[1]
+    return body.split("\n## ", 1)[0]
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+
+
+def _check_report(project: Path, results: pl.DataFrame) -> None:
+    from polarocc.pipeline.report import SECTIONS
+
+    report = (project / "reports/report.md").read_text()
+    for title in SECTIONS:
+        assert f"## {title}\n" in report
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):  # every linked plot exists
+        assert (project / "reports" / link).stat().st_size > 5_000, link
+    default = results.filter((pl.col("method") == "projector") & (pl.col("distribution") == "normal")
+                             & (pl.col("norm") == 1.0) & (pl.col("protocol") != "C"))
+    headline = {(r[0], r[1]): r for r in _table_rows(_section(report, "Headline"))[1:]}
+    for dataset in ("textures", "digits"):
+        ours = default.filter(pl.col("dataset") == dataset)
+        assert float(headline[(dataset, "projector")][2]) == pytest.approx(ours["image_auroc"].mean(), abs=6e-5)
+    assert float(headline[("textures", "projector")][4]) == pytest.approx(
+        default.filter(pl.col("dataset") == "textures")["aupro"].mean(), abs=6e-5)
+    per_category = _table_rows(_section(report, "Per category (Table S4)"))
+    columns = per_category[0]
+    for row in per_category[1:]:
+        expected = default.filter((pl.col("dataset") == row[0]) & (pl.col("category") == row[1]))
+        assert float(row[columns.index("projector image")]) == pytest.approx(expected["image_auroc"].item(), abs=6e-5)
+    table4 = _table_rows(_section(report, "Center distributions (Table 4)"))
+    ones = results.filter((pl.col("method") == "projector") & (pl.col("distribution") == "ones")
+                          & (pl.col("norm") == 1.0) & (pl.col("dataset") == "textures"))
+    row = next(r for r in table4 if r[0] == "ones")
+    assert float(row[table4[0].index("textures")]) == pytest.approx(ones["image_auroc"].mean(), abs=6e-5)

@@ -26,7 +26,7 @@ from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
 from polarocc.pipeline.export import build_artefact
-from polarocc.pipeline.score import score_store
+from polarocc.pipeline.score import category_metrics, score_store
 from polarocc.pipeline.train import fit_store
 from polarocc.reports.plots import learning_curve_plot
 from polarocc.scoring.metrics import image_auroc, pixel_auroc
@@ -53,19 +53,20 @@ class LearningCurve:
         self.labels = np.array([s.label for s in store.samples("test")])
         self.masks = store.masks()
         self.points: dict[int, dict[str, float]] = {}
-        self.final_scores: np.ndarray | None = None
+        self.final: tuple[np.ndarray, np.ndarray] | None = None
 
-    def evaluate(self, projector: Projector) -> tuple[dict[str, float], np.ndarray]:
-        """Test image and pixel ROC AUC of a copy of ``projector``, and its image scores."""
+    def evaluate(self, projector: Projector) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+        """Test image and pixel ROC AUC of a copy of ``projector``, and its (image scores, maps)."""
         frozen = copy.deepcopy(projector).requires_grad_(False)
         [(scores, maps)] = score_store(self.store, [(frozen, self.center)], self.cfg, self.device)
-        return {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel_auroc(self.masks, maps)}, scores
+        metrics = {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel_auroc(self.masks, maps)}
+        return metrics, (scores, maps)
 
     def __call__(self, distribution: str, seen: int, projector: Projector) -> None:
         if seen in self.marks:
-            self.points[seen], scores = self.evaluate(projector)
+            self.points[seen], outputs = self.evaluate(projector)
             if seen == max(self.marks):
-                self.final_scores = scores
+                self.final = outputs
 
 
 def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tuple[dict, tuple]:
@@ -77,12 +78,10 @@ def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tu
     curve = LearningCurve(store, center, params.score, checkpoints(n_train), device)
     [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
                                                online_config(params), curve).values()
-    final = curve.points[n_train]
-    samples = store.samples("test")
+    scores, maps = curve.final
     metrics = {
-        "protocol": "C", **final, "n_train": n_train, "n_test": len(samples), "n_anomalous": int(curve.labels.sum()),
+        **category_metrics(store, scores, maps, curve.masks), "protocol": "C", "n_train": n_train,
         "curve": [{"seen": seen, **curve.points[seen]} for seen in sorted(curve.points)],
-        "scores": [round(float(s), 6) for s in curve.final_scores], "labels": curve.labels.tolist(),
         "trainer": history.trainer, "steps": history.steps,
     }
     return metrics, (projector, center, history)

@@ -86,3 +86,23 @@ def mean_learning_curve_csv(params: Params, dataset: str) -> Path:
 def learning_curve_plot(params: Params, dataset: str) -> Path:
     """The learning-curve figure of one dataset."""
     return params.root / REPORTS / "plots" / f"learning_curve_{dataset}.png"
+
+
+def peers_report(params: Params) -> Path:
+    """Metrics of the peer detectors (the output of ``peers``)."""
+    return params.root / REPORTS / "peers.json"
+
+
+def analysis_dir(params: Params) -> Path:
+    """JSON outputs of the ``analyze`` stage."""
+    return params.root / REPORTS / "analysis"
+
+
+def tsne_plot(params: Params, dataset: str) -> Path:
+    """t-SNE of projected features per center distribution."""
+    return params.root / REPORTS / "plots" / "analysis" / f"tsne_{dataset}.png"
+
+
+def overlay_plot(params: Params, dataset: str, category: str) -> Path:
+    """Anomaly-map overlays of a fixed selection of test images of one category."""
+    return params.root / REPORTS / "plots" / "analysis" / f"overlays_{dataset}_{file_stem(category)}.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from polarocc.analysis.polar import ANOMALOUS, NORMAL, PolarAccumulator
 from polarocc.config import (
     ClassificationDatasetConfig,
     Params,
@@ -39,7 +41,8 @@ from polarocc.models.backbone import build_pooled_extractor
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
-from polarocc.scoring.maps import distance_maps
+from polarocc.scoring.maps import project
+from polarocc.scoring.metrics import f1_max, image_auroc
 from polarocc.training.direct import train_direct
 from polarocc.training.schedule import TrainHistory
 
@@ -166,7 +169,8 @@ def train_config(params: Params) -> TrainConfig:
 
 
 def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
-              distribution: str) -> tuple[Projector, torch.Tensor, TrainHistory]:
+              distribution: str, on_step: Callable[[int, Projector], None] | None = None,
+              ) -> tuple[Projector, torch.Tensor, TrainHistory]:
     """Train on one class's training images (direct trainer: one feature vector per image)."""
     own = features[labels == label]
     if len(own) == 0:
@@ -175,7 +179,8 @@ def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Para
     center = make_center(distribution, norm, own.shape[1], params.center.seed, feature_mean=mean)
     cfg = train_config(params)
     projector = Projector(own.shape[1], params.projector.kind, params.projector.bias, seed=cfg.seed)
-    history = train_direct(projector, center, lambda idx: own[np.sort(idx)], len(own), cfg)
+    history = train_direct(projector, center, lambda idx: own[np.sort(idx)], len(own), cfg,
+                           on_step=None if on_step is None else lambda seen: on_step(seen, projector))
     return projector, center, history
 
 
@@ -184,16 +189,23 @@ def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector:
                 squared: bool = True, defective: np.ndarray | None = None) -> dict:
     """Image ROC AUC of one-vs-rest (the class against every other test image) or, when ``defective`` flags
     are given (image-level MVTec), of the class's own test images, good against defective."""
-    from polarocc.scoring.metrics import image_auroc
-
-    if defective is not None:
-        own = labels == label
-        features, anomalous = features[own], defective[own].astype(np.int64)
-    else:
-        anomalous = (labels != label).astype(np.int64)
-    scores = distance_maps(projector, center, torch.from_numpy(features), squared)[:, 0, 0].numpy()
+    rows, anomalous = class_targets(labels, label, defective)
+    z, distances = project(projector, center, torch.from_numpy(features[rows]), squared)
+    scores = distances[:, 0, 0].numpy()
+    polar = PolarAccumulator(center)
+    polar.add(z, torch.from_numpy(np.where(anomalous == 1, ANOMALOUS, NORMAL)[:, None, None]))
     return {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
-            "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
+            "aupro": None, "image_f1_max": f1_max(anomalous, scores), "pixel_f1_max": None,
+            "n_test": len(anomalous), "n_anomalous": int(anomalous.sum()), "polar": polar.summary()}
+
+
+def class_targets(labels: np.ndarray, label: int, defective: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(test rows scored, 0/1 anomalous flags of those rows) for class ``label`` as the normal class:
+    every test image one-vs-rest, or (image-level MVTec, ``defective`` given) the class's own images."""
+    if defective is not None:
+        rows = labels == label
+        return rows, defective[rows].astype(np.int64)
+    return np.ones(len(labels), dtype=bool), (labels != label).astype(np.int64)
 
 
 def chosen_classes(store: FeatureStore, ds: ClassificationDatasetConfig) -> list[tuple[str, int]]:

@@ -10,7 +10,9 @@ import polars as pl
 from polarocc.config import Params
 from polarocc.pipeline import paths
 
-KEYS = ["protocol", "dataset", "category", "distribution", "norm"]
+KEYS = ["method", "protocol", "dataset", "category", "distribution", "norm"]
+METRICS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]
+OURS = "projector"
 
 
 def _training(params: Params, protocol: str) -> dict:
@@ -23,12 +25,12 @@ def _training(params: Params, protocol: str) -> dict:
     return {"trainer": trainer, "epochs": epochs, "batch_size": batch_size}
 
 
-def _row(params: Params, protocol: str, dataset: str, category: str, distribution: str, norm: float,
-         m: dict) -> dict:
+def _row(params: Params, protocol: str, dataset: str, category: str, distribution: str | None, norm: float | None,
+         m: dict, method: str = OURS) -> dict:
     return {
-        "protocol": protocol, "dataset": dataset, "category": category,
-        "distribution": distribution, "norm": float(norm), "image_auroc": m["image_auroc"],
-        "pixel_auroc": m["pixel_auroc"], "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
+        "method": method, "protocol": protocol, "dataset": dataset, "category": category,
+        "distribution": distribution, "norm": None if norm is None else float(norm),
+        **{k: m.get(k) for k in METRICS}, "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
         "backbone": params.backbone.name, "layers": "-".join(map(str, params.backbone.layers)),
         "projector": params.projector.kind, "bias": params.projector.bias,
         **_training(params, protocol), "lr": params.train.lr,
@@ -64,19 +66,31 @@ def results_table(params: Params) -> pl.DataFrame:
                                     f"(dvc repro online@{dataset})")
         for category, m in json.loads(path.read_text())["results"].items():
             rows.append(_row(params, "C", dataset, category, params.center.distribution, params.center.norm, m))
-    return pl.DataFrame(rows, schema_overrides={"pixel_auroc": pl.Float64}).sort(KEYS)
+    if params.peers.methods:
+        path = paths.peers_report(params)
+        if not path.is_file():
+            raise FileNotFoundError(f"missing peer results at {path}; run the peers stage (dvc repro peers)")
+        peers = json.loads(path.read_text())["results"]
+        for method in params.peers.methods:
+            # The untrained control uses the default center; PatchCore and PaDiM have none.
+            center = (params.center.distribution, params.center.norm) if method == "untrained" else (None, None)
+            for dataset, categories in peers[method].items():
+                for category, m in categories.items():
+                    rows.append(_row(params, m["protocol"], dataset, category, *center, m, method))
+    schema = {k: pl.Float64 for k in METRICS} | {"distribution": pl.String, "norm": pl.Float64}
+    return pl.DataFrame(rows, schema_overrides=schema).sort(KEYS, nulls_last=True)
 
 
 def read_results(path: Path) -> pl.DataFrame:
     """Read reports/results.csv back (category names such as digit classes stay strings)."""
-    return pl.read_csv(path, schema_overrides={"category": pl.String, "pixel_auroc": pl.Float64})
+    return pl.read_csv(path, schema_overrides={"category": pl.String, **{k: pl.Float64 for k in METRICS}})
 
 
 def sweep_means(table: pl.DataFrame) -> pl.DataFrame:
-    """Mean AUROC over categories per dataset, distribution and norm."""
-    return (table.group_by(["protocol", "dataset", "distribution", "norm"])
-            .agg(pl.col("image_auroc").mean(), pl.col("pixel_auroc").mean(), pl.len().alias("categories"))
-            .sort(["protocol", "dataset", "distribution", "norm"]))
+    """Mean metrics over categories per method, protocol, dataset, distribution and norm."""
+    keys = ["method", "protocol", "dataset", "distribution", "norm"]
+    return (table.group_by(keys).agg(*[pl.col(k).mean() for k in METRICS], pl.len().alias("categories"))
+            .sort(keys, nulls_last=True))
 
 
 def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
@@ -84,7 +98,7 @@ def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
     means = sweep_means(table)
     metrics: dict[str, dict] = {}
     for dataset in [*params.datasets, *params.protocol_a.datasets]:
-        ds = means.filter((pl.col("dataset") == dataset) & (pl.col("protocol") != "C"))
+        ds = means.filter((pl.col("dataset") == dataset) & (pl.col("protocol") != "C") & (pl.col("method") == OURS))
         default = ds.filter((pl.col("distribution") == params.center.distribution)
                             & (pl.col("norm") == float(params.center.norm)))
         at_default_norm = ds.filter(pl.col("norm") == float(params.center.norm))["image_auroc"]
@@ -98,8 +112,13 @@ def headline_metrics(table: pl.DataFrame, params: Params) -> dict:
             # Analysis of the sweep on test labels: never used to choose the reported model.
             "sweep_peak_norm": float(by_norm.sort(["image_auroc", "norm"], descending=[True, False])["norm"][0]),
         }
-        if default["pixel_auroc"].item() is not None:  # Protocol A is image-level only
-            entry["pixel_auroc"] = round(default["pixel_auroc"].item(), 4)
+        for key in ("pixel_auroc", "aupro"):
+            if default[key].item() is not None:  # Protocol A is image-level only
+                entry[key] = round(default[key].item(), 4)
+        for method in params.peers.methods:
+            peer = means.filter((pl.col("dataset") == dataset) & (pl.col("method") == method))
+            if peer.height:
+                entry[f"{method}_image_auroc"] = round(peer["image_auroc"].item(), 4)
         online = means.filter((pl.col("dataset") == dataset) & (pl.col("protocol") == "C"))
         if online.height:
             entry["online_image_auroc"] = round(online["image_auroc"].item(), 4)

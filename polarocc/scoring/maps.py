@@ -32,12 +32,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
 
 
 @torch.no_grad()
+def project(projector: Projector, center: torch.Tensor, features: torch.Tensor,
+            squared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z = P(f) (N, C, h, w), ||z - c||^2 or ||z - c|| per position (N, h, w))."""
+    z = projector(features.to(projector.weight.dtype))
+    dist = (z - center.to(z).view(1, -1, 1, 1)).pow(2).sum(1)
+    return z, dist if squared else dist.sqrt()
+
+
 def distance_maps(projector: Projector, center: torch.Tensor, features: torch.Tensor,
                   squared: bool = True) -> torch.Tensor:
     """||P(f) - c||^2 (or ||.||) per feature position: (N, C, h, w) -> (N, h, w)."""
-    z = projector(features.to(projector.weight.dtype))
-    dist = (z - center.to(z).view(1, -1, 1, 1)).pow(2).sum(1)
-    return dist if squared else dist.sqrt()
+    return project(projector, center, features, squared)[1]
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -61,7 +67,16 @@ def score_batch(projector: Projector, center: torch.Tensor, features: torch.Tens
                 sigma: float, reduction: str = "max", topk: int = 10,
                 squared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(anomaly maps (N, S, S), image scores (N,)) for a feature batch."""
-    maps = gaussian_blur(upsample(distance_maps(projector, center, features, squared), image_size), sigma)
+    return finish_maps(distance_maps(projector, center, features, squared), image_size, sigma, reduction, topk)
+
+
+def finish_maps(feature_maps: torch.Tensor, image_size: int, sigma: float, reduction: str = "max",
+                topk: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps at feature resolution (N, h, w) -> (upsampled, smoothed maps (N, S, S), image scores (N,)).
+
+    Every detector (the projector and its peers) goes through this, so they are scored alike.
+    """
+    maps = gaussian_blur(upsample(feature_maps, image_size), sigma)
     if not torch.isfinite(maps).all():
         raise FloatingPointError("anomaly maps contain NaN or Inf")
     return maps, reduce_maps(maps, reduction, topk)

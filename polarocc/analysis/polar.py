@@ -1,0 +1,80 @@
+"""Polar diagnostics (paper Fig. 2): where projected features lie in radius and angle around the center.
+
+For normal and anomalous test features: the radius ``||z||``, the angle between ``z`` and ``c``, and the
+mean pairwise cosine similarity between normal and anomalous features. The mean pairwise cosine of two
+sets equals the dot product of their mean unit vectors, so it needs one pass and no pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+IGNORED, NORMAL, ANOMALOUS = 0, 1, 2
+
+
+def position_labels(masks: np.ndarray, image_labels: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Label each feature position: normal (every position of a defect-free image), anomalous (a position
+    of a defective image whose patch is mostly defect) or ignored (the defect's fringe and its surroundings)."""
+    coverage = F.adaptive_avg_pool2d(torch.as_tensor(masks, dtype=torch.float32)[:, None], (height, width))[:, 0]
+    labels = torch.full(coverage.shape, IGNORED, dtype=torch.int8)
+    labels[torch.as_tensor(np.asarray(image_labels) == 0)] = NORMAL
+    labels[coverage > 0.5] = ANOMALOUS
+    return labels
+
+
+class PolarAccumulator:
+    """Collects radius, angle and mean unit vectors of normal and anomalous vectors, batch by batch."""
+
+    def __init__(self, center: torch.Tensor | None = None) -> None:
+        self.center = None if center is None else center.detach().double().cpu()
+        self.radius: dict[int, list[np.ndarray]] = {NORMAL: [], ANOMALOUS: []}
+        self.angle: dict[int, list[np.ndarray]] = {NORMAL: [], ANOMALOUS: []}
+        self.unit_sum = {NORMAL: 0.0, ANOMALOUS: 0.0}
+        self.count = {NORMAL: 0, ANOMALOUS: 0}
+
+    def add(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
+        """``vectors`` (B, C, h, w) with ``labels`` (B, h, w) of NORMAL / ANOMALOUS / IGNORED."""
+        flat = vectors.detach().double().cpu().permute(0, 2, 3, 1).reshape(-1, vectors.shape[1])
+        labels = torch.as_tensor(labels).reshape(-1)
+        for kind in (NORMAL, ANOMALOUS):
+            part = flat[labels == kind]
+            if not len(part):
+                continue
+            radius = torch.linalg.vector_norm(part, dim=1)
+            self.radius[kind].append(radius.float().numpy())
+            unit = part / radius.clamp_min(1e-300)[:, None]
+            self.unit_sum[kind] = self.unit_sum[kind] + unit.sum(0)
+            self.count[kind] += len(part)
+            if self.center is not None:
+                cos = (unit @ (self.center / torch.linalg.vector_norm(self.center))).clamp(-1, 1)
+                self.angle[kind].append(torch.rad2deg(torch.arccos(cos)).float().numpy())
+
+    def mean_unit(self, kind: int) -> torch.Tensor:
+        """The mean unit vector of one kind."""
+        if not self.count[kind]:
+            raise ValueError("no vectors of this kind were added")
+        return self.unit_sum[kind] / self.count[kind]
+
+    def cross_cosine(self) -> float:
+        """Mean cosine similarity over every (normal, anomalous) pair."""
+        return float(self.mean_unit(NORMAL) @ self.mean_unit(ANOMALOUS))
+
+    def summary(self) -> dict:
+        """JSON-ready quantiles of radius (and angle) per kind, and the normal-anomalous cosine."""
+        out: dict = {"cosine_normal_anomalous": round(self.cross_cosine(), 6)}
+        for kind, name in ((NORMAL, "normal"), (ANOMALOUS, "anomalous")):
+            entry = {"count": self.count[kind], "radius": _quantiles(self.radius[kind])}
+            if self.center is not None:
+                entry["angle_deg"] = _quantiles(self.angle[kind])
+            out[name] = entry
+        return out
+
+
+def _quantiles(parts: list[np.ndarray]) -> dict[str, float]:
+    values = np.concatenate(parts)
+    qs = np.quantile(values, QUANTILES)
+    return {"mean": round(float(values.mean()), 6), **{f"q{int(q * 100):02d}": round(float(v), 6)
+                                                      for q, v in zip(QUANTILES, qs, strict=True)}}

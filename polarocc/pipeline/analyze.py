@@ -1,0 +1,181 @@
+"""Stage ``analyze``: what the pipeline's headline numbers do not show.
+
+Pre-trained cosine similarities for the feasibility report, AUROC against the training epoch with and
+without the bias (an analysis of the budget, never used to pick the reported model), t-SNE of projected
+features per center distribution, and anomaly-map overlays of a fixed selection of test images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polarocc.analysis.cosine import store_cosines, vector_cosines
+from polarocc.analysis.polar import ANOMALOUS, NORMAL, position_labels
+from polarocc.config import Params
+from polarocc.data.images import Geometry, load_image
+from polarocc.deploy.artefact import load_artefact
+from polarocc.features.store import FeatureStore
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline.online import LearningCurve
+from polarocc.pipeline.score import score_store
+from polarocc.pipeline.train import fit_store, load_model
+from polarocc.reports.figures import overlay_grid, tsne_plot
+from polarocc.scoring.maps import project
+
+
+def _with_bias(params: Params, bias: bool) -> Params:
+    return replace(params, projector=replace(params.projector, bias=bias))
+
+
+def budget_category(store: FeatureStore, params: Params, bias: bool) -> list[dict]:
+    """Test AUROC of the default variant after each of ``analysis.budget_epochs`` (bias on or off)."""
+    n = store.features("train").shape[0]
+    epochs = [e for e in params.analysis.budget_epochs if e <= params.train.epochs]
+    c = params.center
+    center = make_center(c.distribution, c.norm, store.channels, c.seed,
+                         feature_mean=store.feature_mean() if c.distribution == "feature_mean" else None)
+    curve = LearningCurve(store, center, params.score, [e * n for e in epochs])
+    fit_store(store, _with_bias(params, bias), c.norm, (c.distribution,), on_step=curve)
+    return [{"epoch": seen // n, **point} for seen, point in sorted(curve.points.items())]
+
+
+class _EpochScorer:
+    """Counts optimizer steps and scores a copy of the model at the chosen epoch ends."""
+
+    def __init__(self, evaluate, steps_per_epoch: int, epochs: set[int]) -> None:
+        self.evaluate, self.steps_per_epoch, self.epochs = evaluate, steps_per_epoch, epochs
+        self.steps = 0
+        self.points: list[dict] = []
+
+    def __call__(self, seen: int, projector: Projector) -> None:
+        self.steps += 1
+        epoch, rest = divmod(self.steps, self.steps_per_epoch)
+        if rest == 0 and epoch in self.epochs:
+            self.points.append({"epoch": epoch, "image_auroc": self.evaluate(projector)["image_auroc"],
+                                "pixel_auroc": None})
+
+
+def budget_classes(params: Params, dataset: str, bias: bool) -> dict[str, list[dict]]:
+    """The same for every class of a Protocol A dataset (image AUROC only)."""
+    ds = params.protocol_a.datasets[dataset]
+    store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+    train, train_labels, _ = protocol_a.load_split(store, "train")
+    test, test_labels, defective = protocol_a.load_split(store, "test")
+    within = defective if ds.format == "mvtec" else None
+    epochs = {e for e in params.analysis.budget_epochs if e <= params.protocol_a.epochs}
+    out = {}
+    for name, label in protocol_a.chosen_classes(store, ds):
+        own = train[train_labels == label]
+        center = make_center(params.center.distribution, params.center.norm, train.shape[1], params.center.seed,
+                             feature_mean=own.mean(axis=(0, 2, 3)))
+        scorer = _EpochScorer(lambda projector, label=label, center=center: protocol_a.score_class(
+            test, test_labels, label, copy.deepcopy(projector), center, params.score.squared, within),
+            -(-len(own) // params.protocol_a.batch_size), epochs)
+
+        protocol_a.fit_class(train, train_labels, label, _with_bias(params, bias), params.center.norm,
+                             params.center.distribution, scorer)
+        out[name] = scorer.points
+    return out
+
+
+def _tsne_sample(store: FeatureStore, count: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A fixed sample of normal and anomalous test feature positions (half each where possible)."""
+    shape = store.features("test").shape
+    labels = position_labels(store.masks(), [s.label for s in store.samples("test")], shape[2], shape[3])
+    features = torch.from_numpy(np.asarray(store.features("test")[:], dtype=np.float32))
+    flat = features.permute(0, 2, 3, 1).reshape(-1, shape[1])
+    flat_labels = labels.reshape(-1).numpy()
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for kind in (NORMAL, ANOMALOUS):
+        where = np.flatnonzero(flat_labels == kind)
+        chosen.append(rng.choice(where, min(len(where), count // 2), replace=False))
+    index = np.sort(np.concatenate(chosen))
+    return flat[index][:, :, None, None], (flat_labels[index] == ANOMALOUS).astype(int)
+
+
+def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
+    """(what was embedded, projected features per center distribution, anomalous flags) at the default norm,
+    for the dataset's first category (Protocol B) or first class (Protocol A)."""
+    seed = params.center.seed
+    if dataset in params.datasets:
+        category = params.datasets[dataset].categories[0]
+        store = FeatureStore(paths.feature_store(params, dataset, category))
+        features, anomalous = _tsne_sample(store, params.analysis.tsne_points, seed)
+        title = f"{dataset}/{category}: test feature positions"
+    else:
+        store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+        test, test_labels, _ = protocol_a.load_split(store, "test")
+        category, label = protocol_a.chosen_classes(store, params.protocol_a.datasets[dataset])[0]
+        rng = np.random.default_rng(seed)
+        index = np.sort(rng.choice(len(test), min(len(test), params.analysis.tsne_points), replace=False))
+        features, anomalous = torch.from_numpy(test[index]), (test_labels[index] != label).astype(int)
+        title = f"{dataset}: class {category} normal, the other classes anomalous"
+    projected = {}
+    for distribution in params.sweep.distributions:
+        projector, center, _ = load_model(paths.model_file(params, params.center.norm, distribution, dataset,
+                                                           category))
+        z, _ = project(projector, center, features.float())
+        projected[distribution] = z.flatten(1).numpy()
+    return title, projected, anomalous
+
+
+def overlays(params: Params, dataset: str, category: str) -> None:
+    """Overlays of the default model on a fixed selection: the first image of each defect type (sorted),
+    then the first good image, ``analysis.overlays_per_category`` in all."""
+    store = FeatureStore(paths.feature_store(params, dataset, category))
+    artefact = load_artefact(paths.deploy_model(params, dataset, category))
+    samples = store.samples("test")
+    firsts: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        firsts.setdefault(s.defect_type, i)
+    picks = [i for t, i in sorted(firsts.items()) if t != "good"][:params.analysis.overlays_per_category - 1]
+    picks.append(firsts.get("good", 0))
+    [(scores, maps)] = score_store(store, [(artefact.build_projector(), artefact.center)], params.score)
+    geometry = Geometry(**artefact.geometry)
+    images = [load_image(samples[i].path, geometry) for i in picks]
+    titles = [f"{samples[i].defect_type}/{samples[i].path.name}" for i in picks]
+    overlay_grid(images, [maps[i] for i in picks], [float(scores[i]) for i in picks], artefact.threshold.value,
+                 titles, paths.overlay_plot(params, dataset, category))
+
+
+def run_analyze(params: Params, progress: bool = True) -> dict:
+    """Write reports/analysis/{cosines,budget}.json, the t-SNE figures and the overlays."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    seed = params.center.seed
+    cosines: dict[str, dict] = {}
+    budget: dict[str, dict] = {}
+    jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
+    for dataset, category in tqdm(jobs, desc="analyze", unit="category", disable=not progress):
+        store = FeatureStore(paths.feature_store(params, dataset, category))
+        cosines.setdefault(dataset, {})[category] = store_cosines(store, seed)
+        budget.setdefault(dataset, {})[category] = {"bias": budget_category(store, params, True),
+                                                    "no_bias": budget_category(store, params, False)}
+        overlays(params, dataset, category)
+    for dataset, ds in params.protocol_a.datasets.items():
+        store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+        train, train_labels, _ = protocol_a.load_split(store, "train")
+        test, test_labels, defective = protocol_a.load_split(store, "test")
+        for name, label in protocol_a.chosen_classes(store, ds):
+            rows, anomalous = protocol_a.class_targets(test_labels, label, defective if ds.format == "mvtec" else None)
+            cosines.setdefault(dataset, {})[name] = vector_cosines(train[train_labels == label], test[rows],
+                                                                   anomalous, seed)
+        with_bias, without = budget_classes(params, dataset, True), budget_classes(params, dataset, False)
+        budget[dataset] = {name: {"bias": with_bias[name], "no_bias": without[name]} for name in with_bias}
+    for dataset in [*params.datasets, *params.protocol_a.datasets]:
+        title, projected, anomalous = tsne_inputs(params, dataset)
+        tsne_plot(projected, anomalous, title, seed, paths.tsne_plot(params, dataset))
+    out = paths.analysis_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cosines.json").write_text(json.dumps(cosines, indent=1))
+    (out / "budget.json").write_text(json.dumps(budget, indent=1))
+    return {"cosines": cosines, "budget": budget}

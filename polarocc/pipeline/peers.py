@@ -1,0 +1,103 @@
+"""Stage ``peers``: PatchCore- and PaDiM-style detectors and the untrained projector, on the same cached
+features and with the same maps, smoothing, reductions and metrics as the trained projector."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polarocc.config import Params
+from polarocc.features.store import FeatureStore
+from polarocc.models.centers import make_center
+from polarocc.models.projector import Projector
+from polarocc.peers.padim import PaDiM
+from polarocc.peers.patchcore import PatchCore
+from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline.score import category_metrics
+from polarocc.scoring.maps import finish_maps, project
+from polarocc.scoring.metrics import connected_regions, f1_max, image_auroc
+
+
+class UntrainedProjector:
+    """The control: the projector as initialised, before any training, with the default center."""
+
+    def __init__(self, params: Params, channels: int, feature_mean: np.ndarray | None) -> None:
+        c = params.center
+        self.projector = Projector(channels, params.projector.kind, params.projector.bias, seed=params.train.seed)
+        self.center = make_center(c.distribution, c.norm, channels, c.seed, feature_mean=feature_mean)
+        self.squared = params.score.squared
+
+    def distance_maps(self, features: torch.Tensor) -> torch.Tensor:
+        return project(self.projector, self.center, features.float(), self.squared)[1]
+
+
+def fit_peer(method: str, params: Params, train_batches, channels: int, feature_mean: np.ndarray | None,
+             image_level: bool):
+    """A fitted peer from normal training features given as an iterable of (B, C, h, w) arrays."""
+    pe = params.peers
+    if method == "untrained":
+        return UntrainedProjector(params, channels, feature_mean)
+    if method == "padim":
+        peer = PaDiM(pe.padim_channels or None, pe.padim_covariance, pe.padim_eps, params.center.seed)
+        for batch in train_batches:
+            peer.partial_fit(torch.from_numpy(np.asarray(batch)))
+        return peer.finalize()
+    # One vector per image (Protocol A) makes a small bank: keep it whole, thin only patch banks.
+    features = torch.cat([torch.from_numpy(np.asarray(b, dtype=np.float32)) for b in train_batches])
+    return PatchCore(pe.coreset_ratio, pe.k, pe.projection_dim, params.center.seed, thin=not image_level).fit(features)
+
+
+def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
+    """Metrics of one peer on one Protocol B category."""
+    crop = int(store.attrs["geometry"]["crop"])
+    s = params.score
+    peer = fit_peer(method, params, (f for _, f in store.batches("train")), store.channels,
+                    store.feature_mean() if params.center.distribution == "feature_mean" else None, False)
+    maps, scores = [], []
+    for _, features in store.batches("test"):
+        batch_maps, batch_scores = finish_maps(peer.distance_maps(torch.from_numpy(features)), crop, s.sigma,
+                                               s.reduction, s.topk)
+        maps.append(batch_maps.float().numpy())
+        scores.append(batch_scores.double().numpy())
+    masks = store.masks()
+    return category_metrics(store, np.concatenate(scores), np.concatenate(maps), masks, connected_regions(masks))
+
+
+def peer_classes(params: Params, dataset: str, method: str) -> dict[str, dict]:
+    """Metrics of one peer on every chosen class of a Protocol A dataset."""
+    ds = params.protocol_a.datasets[dataset]
+    store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+    train, train_labels, _ = protocol_a.load_split(store, "train")
+    test, test_labels, defective = protocol_a.load_split(store, "test")
+    out = {}
+    for name, label in protocol_a.chosen_classes(store, ds):
+        own = train[train_labels == label]
+        mean = own.mean(axis=(0, 2, 3)) if params.center.distribution == "feature_mean" else None
+        peer = fit_peer(method, params, [own], own.shape[1], mean, True)
+        rows, anomalous = protocol_a.class_targets(test_labels, label, defective if ds.format == "mvtec" else None)
+        scores = peer.distance_maps(torch.from_numpy(test[rows]))[:, 0, 0].double().numpy()
+        out[name] = {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
+                     "aupro": None, "image_f1_max": f1_max(anomalous, scores), "pixel_f1_max": None,
+                     "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
+    return out
+
+
+def run_peers(params: Params, progress: bool = True) -> dict:
+    """results[method][dataset][category] for every peer, dataset and category; writes reports/peers.json."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    results: dict[str, dict] = {}
+    jobs = [(m, d, c) for m in params.peers.methods for d, ds in params.datasets.items() for c in ds.categories]
+    for method, dataset, category in tqdm(jobs, desc="peers", unit="category", disable=not progress):
+        store = FeatureStore(paths.feature_store(params, dataset, category))
+        results.setdefault(method, {}).setdefault(dataset, {})[category] = peer_category(store, params, method)
+    for method in params.peers.methods:
+        for dataset in params.protocol_a.datasets:
+            results.setdefault(method, {})[dataset] = peer_classes(params, dataset, method)
+    out = paths.peers_report(params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results}, indent=1))
+    return results

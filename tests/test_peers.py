@@ -1,0 +1,68 @@
+"""Peer detectors: the coreset, nearest-neighbour and Gaussian scores against straightforward versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist, mahalanobis
+
+from polarocc.peers.padim import PaDiM
+from polarocc.peers.patchcore import PatchCore, greedy_coreset
+
+
+def test_greedy_coreset_is_the_k_center_greedy_choice() -> None:
+    rng = np.random.default_rng(0)
+    bank = torch.from_numpy(rng.standard_normal((300, 8)).astype(np.float32))
+    chosen = greedy_coreset(bank, 12, projection_dim=128, seed=5).numpy()  # no projection: 8 < 128
+    assert len(set(chosen)) == 12
+    points = bank.numpy().astype(np.float64)
+    nearest = cdist(points, points[chosen[:1]]).min(1)
+    for i in range(1, 12):  # each pick is the point farthest from the picks before it
+        assert chosen[i] == int(np.argmax(nearest))
+        nearest = np.minimum(nearest, cdist(points, points[chosen[i:i + 1]])[:, 0])
+    again = greedy_coreset(bank, 12, seed=5).numpy()
+    assert np.array_equal(chosen, again)
+    assert len(greedy_coreset(bank, 400)) == 300
+
+
+def test_patchcore_scores_are_distances_to_the_nearest_bank_vectors() -> None:
+    rng = np.random.default_rng(1)
+    train = torch.from_numpy(rng.standard_normal((5, 6, 4, 4)).astype(np.float32))
+    test = torch.from_numpy(rng.standard_normal((2, 6, 4, 4)).astype(np.float32))
+    bank = train.permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    queries = test.permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    distances = np.sort(cdist(queries, bank), axis=1)
+    for k in (1, 3):
+        peer = PatchCore(k=k, thin=False).fit(train)
+        expected = distances[:, :k].mean(1).reshape(2, 4, 4)
+        np.testing.assert_allclose(peer.distance_maps(test, chunk=7).numpy(), expected, rtol=1e-5)
+    thinned = PatchCore(coreset_ratio=0.1, projection_dim=4).fit(train)
+    assert len(thinned.bank) == 8  # ceil(0.1 * 80)
+
+
+@pytest.mark.parametrize("covariance", ["per_position", "shared"])
+def test_padim_streaming_statistics_match_a_batch_computation(covariance: str) -> None:
+    rng = np.random.default_rng(2)
+    train = rng.standard_normal((40, 10, 3, 3))
+    test = rng.standard_normal((3, 10, 3, 3))
+    peer = PaDiM(channels=6, covariance=covariance, eps=0.01, seed=3)
+    for start in range(0, 40, 7):  # uneven batches
+        peer.partial_fit(torch.from_numpy(train[start:start + 7]))
+    peer.finalize()
+    index = peer.index.numpy()
+    x = train[:, index].reshape(40, 6, 9).transpose(0, 2, 1)  # (N, positions, d)
+    got = peer.distance_maps(torch.from_numpy(test)).numpy()
+    y = test[:, index].reshape(3, 6, 9).transpose(0, 2, 1)
+    for p in range(9):
+        samples = x[:, p] if covariance == "per_position" else x.reshape(-1, 6)
+        precision = np.linalg.inv(np.cov(samples, rowvar=False) + 0.01 * np.eye(6))
+        for b in range(3):
+            expected = mahalanobis(y[b, p], samples.mean(0), precision)
+            assert got[b].reshape(-1)[p] == pytest.approx(expected, rel=1e-4)
+
+
+def test_padim_needs_two_samples() -> None:
+    peer = PaDiM(channels=None).partial_fit(torch.zeros(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="two normal samples"):
+        peer.finalize()
