@@ -57,9 +57,10 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
     table = read_results(csv)
     if dataset:
         table = table.filter(pl.col("dataset") == dataset)
-    shown = table.select(["dataset", "category", "distribution", "norm", "image_auroc", "pixel_auroc"]) \
-        if per_category else sweep_means(table)
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, float_precision=4):
+    shown = table.select(["method", "protocol", "dataset", "category", "distribution", "norm", "image_auroc",
+                          "pixel_auroc", "aupro"]) if per_category else sweep_means(table).drop(
+        "image_f1_max", "pixel_f1_max")
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, float_precision=4, tbl_width_chars=160, tbl_hide_column_data_types=True):
         typer.echo(shown)
 
 

@@ -25,8 +25,9 @@ def test_results_reads_numeric_class_names(params_dict: dict, tmp_path: Path) ->
     params = write_params(params_dict, tmp_path)
     missing = runner.invoke(app, ["results", "--params", str(params)])
     assert missing.exit_code == 2 and "run `dvc repro` first" in missing.output
-    rows = ["protocol,dataset,category,distribution,norm,image_auroc,pixel_auroc"]
-    rows += [f"A,digits,{i},normal,1.0,0.9,"for i in range(200)] + ["B,textures,brick,normal,1.0,0.8,0.7"]
+    rows = ["method,protocol,dataset,category,distribution,norm,image_auroc,pixel_auroc,aupro"]
+    rows += [f"projector,A,digits,{i},normal,1.0,0.9,," for i in range(200)]
+    rows += ["projector,B,textures,brick,normal,1.0,0.8,0.7,0.6"]
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports/results.csv").write_text("\n".join(rows) + "\n")
     table = runner.invoke(app, ["results", "--params", str(params), "--per-category", "--dataset", "textures"])

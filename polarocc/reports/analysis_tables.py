@@ -46,7 +46,8 @@ def feasibility_table(results: pl.DataFrame, cosines: dict, params: Params) -> p
             slope, intercept = np.polyfit(x[others], y[others], 1)
             predicted.append(intercept + slope * x[i])
         else:
-            predicted.append(float(np.mean(y[others])) if others.any() else y[i])
+            # Too few other categories for a line: their mean, or (alone) the default norm.
+            predicted.append(float(np.mean(y[others])) if others.any() else math.log2(params.center.norm))
     label_free = [max([n for n in norms if math.log2(n) <= p + 1e-9] or [norms[0]]) for p in predicted]
     feasible_sets = [set(map(float, f.split(", "))) for f in table["feasible_norms"]]
     return table.with_columns(
