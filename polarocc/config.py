@@ -137,6 +137,9 @@ class ExtractConfig:
     compressor: str = "lz4"
     level: int = 5
     device: str = "auto"
+    scheduler: str = "inprocess"  # inprocess | local (dask LocalCluster) | a dask scheduler address
+    workers: int = 2  # LocalCluster worker processes
+    threads_per_worker: int = 1  # torch threads in each worker
 
 
 @dataclass(frozen=True)
@@ -346,6 +349,11 @@ def _validate_values(p: Params) -> None:
     _positive_int(e.batch_size, "extract.batch_size")
     _positive_int(e.shard_images, "extract.shard_images")
     _choice(e.device, ("auto", "cpu", "cuda"), "extract.device")
+    _require(e.scheduler in ("inprocess", "local") or (isinstance(e.scheduler, str) and "://" in e.scheduler),
+             "extract.scheduler", f"must be inprocess, local or a dask scheduler address such as "
+             f"tcp://host:8786, got {e.scheduler!r}")
+    _positive_int(e.workers, "extract.workers")
+    _positive_int(e.threads_per_worker, "extract.threads_per_worker")
 
     _choice(p.center.distribution, DISTRIBUTIONS, "center.distribution")
     validate_norm(p.center.norm)

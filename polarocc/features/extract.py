@@ -42,7 +42,8 @@ def gram_and_sums(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return torch.bmm(flat, flat.transpose(1, 2)).numpy(), flat.sum(-1).numpy()
 
 
-def _check_finite(features: np.ndarray, samples: list[Sample]) -> None:
+def check_finite(features: np.ndarray, samples: list[Sample]) -> None:
+    """Stop, naming the image, when a shard's features hold NaN or Inf."""
     finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
     if not finite.all():
         bad = samples[int(np.flatnonzero(~finite)[0])].path
@@ -126,7 +127,7 @@ class CategoryExtractor:
                     future = reader.submit(self.load, shard_samples(pending[i + 1]))
                 items = shard_samples(k)
                 feats = self.features(images)
-                _check_finite(feats, items)
+                check_finite(feats, items)
                 if written is not None:
                     settle()
                 written = (k, writer.submit(self.write, arrays, k, size, items, feats))

@@ -10,6 +10,7 @@ from polarocc.config import Params, check_backbone_known, check_datasets_exist
 from polarocc.data.images import Geometry
 from polarocc.errors import ConfigError
 from polarocc.features import store as fs
+from polarocc.features.distributed import WorkerSpec, extract_category_distributed, make_client
 from polarocc.features.extract import CategoryExtractor, extract_category, pick_device, read_category
 from polarocc.models.backbone import build_extractor
 from polarocc.pipeline import paths
@@ -36,11 +37,33 @@ def run_extract(params: Params, dataset: str, progress: bool = True,
     spec = extractor.spec(b.crop)
     layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
                             e.compressor, e.level)
-    runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, pick_device(e.device))
+    device = pick_device(e.device)
     backbone = {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
+    if e.scheduler != "inprocess":
+        return _extract_on_cluster(params, dataset, samples, layout, backbone, device, progress)
+    runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, device)
     computed = {}
     for cat in tqdm(ds.categories, desc=f"extract {dataset}", unit="category", disable=not progress):
         computed[cat] = extract_category(runner, samples[cat], layout, backbone,
                                          paths.feature_store(params, dataset, cat),
                                          paths.partial_store(params, dataset, cat), progress)
     return computed
+
+
+def _extract_on_cluster(params: Params, dataset: str, samples: dict, layout: fs.StoreLayout, backbone: dict,
+                        device: str, progress: bool) -> dict[str, dict[str, int]]:
+    b, e = params.backbone, params.extract
+    spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, tuple(backbone["mean"]), tuple(backbone["std"]),
+                      b.resize, b.crop, e.batch_size, e.dtype, device, e.threads_per_worker)
+    client = make_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda")
+    try:
+        return {cat: extract_category_distributed(client, spec, samples[cat], layout, backbone,
+                                                  paths.feature_store(params, dataset, cat),
+                                                  paths.partial_store(params, dataset, cat), progress)
+                for cat in tqdm(params.datasets[dataset].categories, desc=f"extract {dataset} on dask",
+                                unit="category", disable=not progress)}
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and e.scheduler == "local":
+            cluster.close()

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from polarocc.config import Params, TrainConfig, validate_norm
+from polarocc.errors import NumericalError
 from polarocc.features.store import FeatureStore
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
@@ -51,10 +52,17 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     def observer(distribution: str, projector: Projector) -> Callable[[int], None] | None:
         return None if on_step is None else lambda seen: on_step(distribution, seen, projector)
 
+    def named(distribution: str, exc: FloatingPointError) -> NumericalError:
+        return NumericalError(f"training {store.path} with the {distribution} center of norm {norm:g}: {exc}. "
+                              "Models written before this one are kept; lower the norm or the learning rate")
+
     def direct(distribution: str, note: str | None = None) -> tuple[Projector, torch.Tensor, TrainHistory]:
         projector = fresh()
-        history = train_direct(projector, centers[distribution], load_batch, train_features.shape[0], cfg,
-                               on_step=observer(distribution, projector))
+        try:
+            history = train_direct(projector, centers[distribution], load_batch, train_features.shape[0], cfg,
+                                   on_step=observer(distribution, projector))
+        except FloatingPointError as exc:
+            raise named(distribution, exc) from exc
         if note:
             history.notes.append(note)
         return projector, centers[distribution], history
@@ -69,6 +77,8 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
             history = train_gram(projector, centers[distribution], gram, sums, store.pixels_per_image, cfg,
                                  on_step=observer(distribution, projector))
             fitted[distribution] = (projector, centers[distribution], history)
+        except FloatingPointError as exc:
+            raise named(distribution, exc) from exc
         except ShortcutInvalid as exc:
             warnings.warn(f"{store.path} {distribution}: {exc}; retraining with the direct trainer", stacklevel=2)
             fitted[distribution] = direct(distribution, f"gram shortcut not applicable: {exc}")

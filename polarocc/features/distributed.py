@@ -1,0 +1,109 @@
+"""Feature extraction on a dask cluster: one task per shard, each worker builds the backbone once.
+
+The driver creates (or resumes) the partial store and submits one task per unfinished shard. A task opens
+the store, computes its shard and writes it whole: every array is chunked (or sharded) per shard, and the
+``done`` flags one per chunk, so no two tasks ever write the same chunk, and a killed run resumes from the
+flags like an in-process one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import zarr
+from tqdm import tqdm
+
+from polarocc.data.images import Geometry
+from polarocc.data.samples import Sample
+from polarocc.features import store as fs
+from polarocc.features.extract import CategoryExtractor, check_finite, store_fingerprint
+from polarocc.models.backbone import build_extractor
+
+# The extractor each worker process builds once per backbone spec (never pickled with the tasks).
+_RUNNERS: dict[str, CategoryExtractor] = {}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to build its extractor."""
+
+    name: str
+    layers: tuple[int, ...]
+    pool: int
+    weights: str
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    resize: int
+    crop: int
+    batch_size: int
+    dtype: str
+    device: str
+    threads: int
+
+    def key(self) -> str:
+        """Cache key of the worker's extractor."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def worker_runner(spec: WorkerSpec) -> CategoryExtractor:
+    """This process's extractor for ``spec``, built on first use."""
+    key = spec.key()
+    if key not in _RUNNERS:
+        torch.set_num_threads(spec.threads)
+        extractor = build_extractor(spec.name, spec.layers, spec.pool, spec.weights, spec.mean, spec.std)
+        _RUNNERS[key] = CategoryExtractor(extractor, Geometry(spec.resize, spec.crop), spec.batch_size, spec.dtype,
+                                          spec.device)
+    return _RUNNERS[key]
+
+
+def extract_shard(spec: WorkerSpec, store: str, split: str, shard: int, records: list[dict[str, Any]]) -> int:
+    """Task: compute and write one whole shard of ``split`` in the partial store at ``store``."""
+    runner = worker_runner(spec)
+    group = zarr.open_group(store, mode="r+")
+    items = [Sample.from_record(r) for r in records]
+    features = runner.features(runner.load(items))
+    check_finite(features, items)
+    runner.write(group[split], shard, fs.shard_size(group, split), items, features)
+    return shard
+
+
+def make_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool = False):
+    """A dask client: a LocalCluster of ``workers`` processes, or the scheduler at an address."""
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1} if gpu else None)
+        return Client(cluster)
+    return Client(scheduler)
+
+
+def extract_category_distributed(client, spec: WorkerSpec, samples: dict[str, list[Sample]],
+                                 layout: fs.StoreLayout, backbone: dict, final: Path, partial: Path,
+                                 progress: bool = True) -> dict[str, int]:
+    """Build (or resume) one category store on the cluster and move it into place; returns shards computed."""
+    from dask.distributed import as_completed
+
+    geometry = Geometry(spec.resize, spec.crop)
+    fp = store_fingerprint(backbone, geometry, layout, samples)
+    attrs = {"backbone": backbone, "geometry": asdict(geometry), "layout": asdict(layout)}
+    group = fs.create_or_resume(partial, fp, layout, samples, attrs)
+    resources = {"GPU": 1} if spec.device == "cuda" else None  # one task per GPU at a time
+    futures, computed = [], {}
+    for split, items in samples.items():
+        size = fs.shard_size(group, split)
+        pending = fs.pending_shards(group, split)
+        computed[split] = len(pending)
+        futures += [client.submit(extract_shard, spec, str(partial), split, k,
+                                  [s.to_record() for s in items[k * size:(k + 1) * size]], pure=False,
+                                  resources=resources) for k in pending]
+    with tqdm(total=len(futures), desc="  shards", unit="shard", disable=not progress, leave=False) as bar:
+        for future in as_completed(futures):
+            future.result()  # re-raises a task's error (bad image, NaN features) here, by name
+            bar.update()
+    fs.finalize(partial, final)
+    return computed
