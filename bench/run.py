@@ -46,7 +46,7 @@ from polarocc.pipeline.train import fit_store  # noqa: E402
 from polarocc.training.direct import train_direct  # noqa: E402
 from polarocc.training.gram import train_gram  # noqa: E402
 
-BENCHES = ("extraction", "training_default", "training_1792", "dvc", "metrics")
+BENCHES = ("extraction", "training_default", "training_1792", "dvc", "metrics", "cluster")
 
 
 def bench_extraction(params, category: str = "brick") -> dict:
@@ -171,6 +171,48 @@ def bench_dvc() -> dict:
             "note": "cold: fresh git clone, empty DVC cache, converted Lite0 weights already in the user cache"}
 
 
+def bench_cluster(params, category: str = "brick", workers: int = 2) -> dict:
+    """One category's extraction in-process against a ``workers``-process dask LocalCluster (cluster start-up
+    and the workers' backbone builds timed apart from the extraction itself)."""
+    from polarocc.features.distributed import WorkerSpec, extract_category_distributed, make_client
+
+    b, e = params.backbone, params.extract
+    extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
+    spec = extractor.spec(b.crop)
+    layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images, e.compressor,
+                            e.level)
+    samples = read_category(paths.dataset_root(params, "textures"), category, check=False, progress=False)
+    count = sum(len(v) for v in samples.values())
+    backbone = {"name": b.name}
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = CategoryExtractor(extractor, Geometry(b.resize, b.crop), e.batch_size, e.dtype)
+        start = time.perf_counter()
+        extract_category(runner, samples, layout, backbone, Path(tmp) / "a.zarr", Path(tmp) / "pa.zarr",
+                         progress=False)
+        inprocess = time.perf_counter() - start
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        worker_spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, spec.mean, spec.std, b.resize, b.crop,
+                                 e.batch_size, e.dtype, "cpu", threads)
+        start = time.perf_counter()
+        client = make_client("local", workers, threads)
+        from polarocc.features.distributed import worker_runner
+
+        client.run(worker_runner, worker_spec)  # build each worker's backbone before timing
+        startup = time.perf_counter() - start
+        start = time.perf_counter()
+        extract_category_distributed(client, worker_spec, samples, layout, backbone, Path(tmp) / "b.zarr",
+                                     Path(tmp) / "pb.zarr", progress=False)
+        cluster = time.perf_counter() - start
+        local_cluster = client.cluster
+        client.close()
+        local_cluster.close()
+    return {"images": count, "inprocess_images_per_s": round(count / inprocess, 2),
+            "cluster_images_per_s": round(count / cluster, 2), "workers": workers,
+            "threads_per_worker": threads, "cluster_startup_s": round(startup, 1),
+            "note": "workers x threads_per_worker = the machine's cores; start-up includes each worker "
+                    "building the backbone once"}
+
+
 def bench_metrics(images: int = 100, side: int = 224, repeat: int = 5) -> dict:
     """AUPRO and pixel F1-max on ``images`` random masks of side x side (median of ``repeat`` runs)."""
     from polarocc.scoring.metrics import aupro, connected_regions, f1_max
@@ -226,6 +268,11 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| AUPRO (FPR <= 0.3), {me['images']} masks of {me['side']}x{me['side']} | {me['aupro_s']} s "
                      f"| <= 1 s |")
         lines.append(f"| pixel F1-max, same maps | {me['pixel_f1_max_s']} s | |")
+    cl = result.get("cluster")
+    if cl:
+        lines.append(f"| extraction in-process vs {cl['workers']}-worker LocalCluster ({cl['images']} images) | "
+                     f"{cl['inprocess_images_per_s']} vs {cl['cluster_images_per_s']} "
+                     f"images/s (+{cl['cluster_startup_s']} s start-up) | |")
     lines += ["", "Notes:"] + [f"- {k}: {v['note']}" for k, v in result.items() if isinstance(v, dict) and "note" in v]
     return "\n".join(lines) + "\n"
 
@@ -247,7 +294,8 @@ def main() -> None:
         result.update({k: v for k, v in last.items() if k in BENCHES})
     chosen = args.only or [b for b in BENCHES if not (args.skip_dvc and b == "dvc")]
     runs = {"extraction": lambda: bench_extraction(params), "training_default": lambda: bench_training_default(params),
-            "training_1792": bench_training_wide, "dvc": bench_dvc, "metrics": bench_metrics}
+            "training_1792": bench_training_wide, "dvc": bench_dvc, "metrics": bench_metrics,
+            "cluster": lambda: bench_cluster(params)}
     for name in chosen:
         print(f"{name} ...", flush=True)
         result[name] = runs[name]()
