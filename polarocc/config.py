@@ -171,6 +171,7 @@ class TrainConfig:
     radius: float = 1e-5
     seed: int = 1024
     dtype: str = "float64"
+    stats_memory_mb: int = 4096  # Gram matrices above this are read from disk one batch at a time
 
 
 @dataclass(frozen=True)
@@ -368,6 +369,7 @@ def _validate_values(p: Params) -> None:
         _require(_is_number(getattr(tr, key)) and getattr(tr, key) > 0, f"train.{key}", "must be positive")
     _require(_is_number(tr.weight_decay) and tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _choice(tr.dtype, ("float32", "float64"), "train.dtype")
+    _positive_int(tr.stats_memory_mb, "train.stats_memory_mb")
 
     s = p.score
     _require(_is_number(s.sigma) and s.sigma >= 0, "score.sigma", "must be >= 0 (0 disables smoothing)")

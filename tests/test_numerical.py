@@ -58,3 +58,21 @@ def test_diverging_training_names_the_variant(extracted_project: Path, tmp_path:
     with pytest.raises(NumericalError, match=r"brick\.zarr with the ones center of norm 1e\+200: training loss "
                                              r"became inf at epoch 1"):
         fit_store(store, params, 1e200, ("ones",))
+
+
+def test_gram_statistics_read_from_disk_train_the_same_bits(extracted_project: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    import torch
+
+    project = tmp_path / "project"
+    shutil.copytree(extracted_project, project)
+    params = load_params(project / "params.yaml")
+    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    gram, _ = store.gram_stats(memory_bytes=2 ** 20)  # 6 x 176 x 176 float64 = 1.5 MB: stays on disk
+    assert not isinstance(gram, np.ndarray)
+    np.testing.assert_allclose(store.gram_total(), store.gram_stats()[0].sum(0), rtol=1e-12)
+    in_memory = fit_store(store, params, 1.0, ("normal",))["normal"][0]
+    lazy = replace(params, train=replace(params.train, stats_memory_mb=1))
+    on_disk = fit_store(store, lazy, 1.0, ("normal",))["normal"][0]
+    assert torch.equal(in_memory.weight, on_disk.weight) and torch.equal(in_memory.bias, on_disk.bias)

@@ -184,9 +184,21 @@ class FeatureStore:
             stop = min(start + size, array.shape[0])
             yield np.arange(start, stop), array[start:stop]
 
-    def gram_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-image Gram matrices (N, C, C) and sums (N, C) of the training split."""
-        return self.group["train/gram"][:], self.group["train/sums"][:]
+    def gram_stats(self, memory_bytes: float = float("inf")) -> tuple[np.ndarray | zarr.Array, np.ndarray]:
+        """Per-image Gram matrices (N, C, C) and sums (N, C) of the training split; the Gram matrices stay
+        on disk (a lazy zarr array) when they would take more than ``memory_bytes``."""
+        gram = self.group["train/gram"]
+        in_memory = gram.nbytes <= memory_bytes
+        return (gram[:] if in_memory else gram), self.group["train/sums"][:]
+
+    def gram_total(self) -> np.ndarray:
+        """Sum of every training image's Gram matrix (C, C), read one shard at a time."""
+        gram = self.group["train/gram"]
+        size = int(gram.chunks[0])
+        total = np.zeros(gram.shape[1:], dtype=np.float64)
+        for start in range(0, gram.shape[0], size):
+            total += gram[start:start + size].sum(0)
+        return total
 
     def feature_mean(self) -> np.ndarray:
         """Mean pre-trained training feature (C,), from the cached sums."""

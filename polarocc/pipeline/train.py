@@ -70,7 +70,7 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     fitted: dict[str, tuple[Projector, torch.Tensor, TrainHistory]] = {}
     if cfg.trainer == "direct":
         return {d: direct(d) for d in distributions}
-    gram, sums = store.gram_stats()
+    gram, sums = store.gram_stats(cfg.stats_memory_mb * 2 ** 20)
     for distribution in distributions:
         projector = fresh()
         try:
@@ -85,8 +85,8 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     gram_models = {d: fit for d, fit in fitted.items() if fit[2].trainer == "gram"}
     closest = certified_min_distance_sq(
         [fit[0] for fit in gram_models.values()], [fit[1] for fit in gram_models.values()],
-        lambda: (f for _, f in store.batches("train")), gram.sum(0), sums.sum(0),
-        len(gram) * store.pixels_per_image, cfg.radius)
+        lambda: (f for _, f in store.batches("train")), store.gram_total(), sums.sum(0),
+        len(sums) * store.pixels_per_image, cfg.radius)
     for (distribution, (_, _, history)), distance in zip(gram_models.items(), closest, strict=True):
         history.notes.append(f"every training pixel has ||z-c||^2 >= {distance:.6g} (certified)")
         if distance <= cfg.radius ** 2:

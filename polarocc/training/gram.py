@@ -28,11 +28,19 @@ class ShortcutInvalid(RuntimeError):
     """Raised when a pixel may lie within the radius, where the hinge makes the loss non-quadratic."""
 
 
-def _batch_sum(stats: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
-    # Accumulate in place: fancy indexing would first copy the batch's C x C matrices.
-    total = stats[int(batch[0])].clone()
+def _batch_sum(stats, batch: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of the rows ``batch`` of ``stats``: a tensor in memory, or an array on disk (zarr) read one batch
+    at a time. Rows are added in batch order either way, so both give the same bits."""
+    if isinstance(stats, torch.Tensor):
+        rows = {int(i): stats[int(i)] for i in batch}
+    else:
+        order = np.sort(batch)
+        block = torch.as_tensor(np.asarray(stats.oindex[order]), dtype=dtype)
+        rows = {int(i): block[k] for k, i in enumerate(order)}
+    # Accumulate in place: stacking the batch's C x C matrices first would copy them.
+    total = rows[int(batch[0])].clone()
     for i in batch[1:]:
-        total += stats[int(i)]
+        total += rows[int(i)]
     return total
 
 
@@ -41,22 +49,25 @@ def train_gram(projector: Projector, center: torch.Tensor, gram: np.ndarray, sum
                on_step: Callable[[int], None] | None = None) -> TrainHistory:
     """Train ``projector`` in place from per-image Gram matrices (N, C, C) and feature sums (N, C).
 
+    ``gram`` may be a zarr array: it is then read one batch at a time, so memory holds a batch of Gram
+    matrices instead of all of them.
+
     ``on_step(images_seen)`` runs after every optimizer step (learning curves); it must not modify the
     projector.
     """
     dtype = projector.weight.dtype
     c = center.to(dtype)
-    gram_t = torch.as_tensor(gram, dtype=dtype)
-    sums_t = torch.as_tensor(sums, dtype=dtype)
+    gram_t = torch.as_tensor(gram, dtype=dtype) if isinstance(gram, np.ndarray) else gram
+    sums_t = torch.as_tensor(np.asarray(sums), dtype=dtype)
     optimizer = Adam(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory("gram")
     radius_sq = cfg.radius ** 2
     W, b = projector.weight, projector.bias
     seen = 0
-    for epoch, batches in enumerate(epoch_batches(len(gram_t), cfg.batch_size, cfg.epochs, cfg.seed), start=1):
+    for epoch, batches in enumerate(epoch_batches(len(sums_t), cfg.batch_size, cfg.epochs, cfg.seed), start=1):
         epoch_loss = 0.0
         for batch in batches:
-            G, s = _batch_sum(gram_t, batch), _batch_sum(sums_t, batch)
+            G, s = _batch_sum(gram_t, batch, dtype), _batch_sum(sums_t, batch, dtype)
             n = len(batch) * pixels_per_image
             with torch.no_grad():
                 gap = -c if b is None else b - c

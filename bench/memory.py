@@ -1,0 +1,145 @@
+"""Peak memory against the image count: training, scoring and the peers on generated WRN50-size features.
+
+Writes reports/bench_memory.json and reports/bench_memory.md. Each measurement runs in a fresh process
+(peak RSS from getrusage), on a store of ``base * scale`` training and test images with features of
+1792 x 56 x 56 in float16 (Wide-ResNet50 layers 1-3 at 224 px), for scales 1, 4 and 16.
+
+    python bench/memory.py [--base 2] [--scales 1 4 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from polarocc.config import PeersConfig, ScoreConfig, TrainConfig, parse_params  # noqa: E402
+from polarocc.data.images import Geometry  # noqa: E402
+from polarocc.data.samples import Sample  # noqa: E402
+from polarocc.features import store as fs  # noqa: E402
+from polarocc.features.extract import CategoryExtractor  # noqa: E402
+from polarocc.features.store import FeatureStore  # noqa: E402
+
+CHANNELS, SIDE, CROP = 1792, 56, 224
+TASKS = ("train", "score", "padim", "patchcore")
+
+
+def make_store(path: Path, images: int, seed: int = 0) -> dict:
+    """A complete store of ``images`` train and test images of random features (Gram statistics included)."""
+    layout = fs.StoreLayout(CHANNELS, SIDE, SIDE, CROP, "float16", shard_images=2, compressor="lz4", level=5)
+    samples = {split: [Sample(Path(f"{split}/{i:04d}.png"), 0) for i in range(images)] for split in fs.SPLITS}
+    group = fs.create_or_resume(path, "bench", layout, samples, {"geometry": {"resize": 256, "crop": CROP}})
+    writer = CategoryExtractor.__new__(CategoryExtractor)  # only its write() is used: no backbone
+    writer.geometry = Geometry(256, CROP)
+    rng = np.random.default_rng(seed)
+    for split, items in samples.items():
+        size = fs.shard_size(group, split)
+        for shard in fs.pending_shards(group, split):
+            part = items[shard * size:(shard + 1) * size]
+            features = (rng.standard_normal((len(part), CHANNELS, SIDE, SIDE), dtype=np.float32) + 0.5)
+            writer.write(group[split], shard, size, part, features.astype(np.float16))
+    group.attrs["complete"] = True
+    stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    feature_files = sum(f.stat().st_size for f in (path / "train" / "features").rglob("*") if f.is_file())
+    return {"stored_bytes": stored, "feature_bytes_stored": feature_files}
+
+
+def child(task: str, store_path: str) -> None:
+    """Run one task on the store and print its peak RSS in bytes."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = FeatureStore(store_path)
+    raw = {"datasets": {"bench": {"format": "mvtec", "path": ".", "categories": ["x"]}}, "protocol_c": {"datasets": []},
+           "protocol_a": {"datasets": {}}}
+    params = parse_params(raw)
+    params = replace(params, train=TrainConfig(epochs=1, batch_size=2, dtype="float32", stats_memory_mb=64),
+                     score=ScoreConfig(), peers=PeersConfig(coreset_ratio=0.01, projection_dim=64))
+    start = time.perf_counter()
+    if task == "train":
+        from polarocc.pipeline.train import fit_store
+
+        fit_store(store, params, 1.0, ("normal",))
+    elif task == "score":
+        from polarocc.models.centers import make_center
+        from polarocc.models.projector import Projector
+        from polarocc.pipeline.score import score_store
+
+        score_store(store, [(Projector(CHANNELS), make_center("normal", 1.0, CHANNELS))], params.score)
+    else:
+        from polarocc.pipeline.peers import fit_peer
+
+        fit_peer(task, params, (f for _, f in store.batches("train")), CHANNELS, None, False)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "seconds": round(seconds, 2)}))
+
+
+def to_markdown(result: dict) -> str:
+    """Peak RSS per task and scale."""
+    lines = ["# Memory against image count", "", f"Machine: {result['machine']}. Features {CHANNELS} x {SIDE} x "
+             f"{SIDE} float16 per image (Wide-ResNet50 layers 1-3 at 224 px), Gram statistics in float64; "
+             "training reads Gram matrices from disk above `train.stats_memory_mb` (64 MB here).", "",
+             "| images | stored bytes per image | compression | " + " | ".join(f"{t} peak RSS" for t in TASKS) + " |",
+             "|---|---|---|" + "---|" * len(TASKS)]
+    for row in result["scales"]:
+        cells = [f"{row[t]['peak_rss_bytes'] / 2 ** 20:.0f} MiB ({row[t]['seconds']} s)" for t in TASKS]
+        lines.append(f"| {row['images']} | {row['stored_bytes_per_image'] / 1e6:.1f} MB | "
+                     f"{row['feature_compression']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", result["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=int, default=2)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--child", nargs=2, metavar=("TASK", "STORE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    import platform
+
+    import torch
+
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "scales": [],
+              "note": "train: the Gram trainer (1 epoch, batch 2) with the radius certificate; score: one model over "
+                      "the test split, maps kept for pixel metrics; padim: per-position Gaussian over 100 random "
+                      "channels, accumulated batch by batch; patchcore: the whole memory bank in memory before "
+                      "the coreset is chosen."}
+    raw_per_image = CHANNELS * SIDE * SIDE * 2
+    for scale in args.scales:
+        images = args.base * scale
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Path(tmp) / "store.zarr"
+            print(f"{images} images: writing the store ...", flush=True)
+            sizes = make_store(store, images)
+            row = {"images": images, "stored_bytes_per_image": sizes["stored_bytes"] / (2 * images),
+                   "feature_compression": sizes["feature_bytes_stored"] / (raw_per_image * images)}
+            for task in TASKS:
+                out = subprocess.run([sys.executable, __file__, "--child", task, str(store)], check=True,
+                                     capture_output=True, text=True).stdout
+                row[task] = json.loads(out.strip().splitlines()[-1])
+                print(f"  {task}: {row[task]}", flush=True)
+            result["scales"].append(row)
+    reports = ROOT / "reports"
+    (reports / "bench_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (reports / "bench_memory.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
