@@ -67,7 +67,7 @@ def run_report(params: Params) -> Path:
     wide = means.pivot(on="bias", index=["dataset", "epoch"], values="image_auroc").rename(
         {"true": "image_auroc_bias", "false": "image_auroc_no_bias"})
     write_curves(wide, reports / "budget_curves", "epoch", ["image_auroc_bias", "image_auroc_no_bias"])
-    last = means.group_by(["dataset", "bias"]).agg(pl.all().sort_by("epoch").last())
+    last = means.group_by(["dataset", "bias"]).agg(pl.all().sort_by("epoch").last()).sort(["dataset", "bias"])
     ablation = last.pivot(on="bias", index="dataset", values="image_auroc").rename(
         {"true": "image AUROC with bias", "false": "image AUROC without bias"}).sort("dataset")
 

@@ -45,7 +45,9 @@ def distribution_table(results: pl.DataFrame, params: Params) -> pl.DataFrame:
     """Paper Table 4: mean image AUROC per center distribution (rows) and dataset (columns) at the default norm."""
     at_norm = results.filter((pl.col("method") == OURS) & (pl.col("protocol") != "C")
                              & (pl.col("norm") == float(params.center.norm)))
-    means = at_norm.group_by(["distribution", "dataset"]).agg(pl.col("image_auroc").mean())
+    # Sorted before pivoting: the pivot's column order follows row order, and group_by's is arbitrary.
+    means = (at_norm.group_by(["distribution", "dataset"]).agg(pl.col("image_auroc").mean())
+             .sort(["dataset", "distribution"]))
     return means.pivot(on="dataset", index="distribution", values="image_auroc").sort("distribution")
 
 
