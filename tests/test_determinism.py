@@ -7,9 +7,12 @@ from pathlib import Path
 
 from polarocc.config import load_params
 from polarocc.pipeline.aggregate import run_aggregate
+from polarocc.pipeline.analyze import run_analyze
+from polarocc.pipeline.export import run_export
 from polarocc.pipeline.extract import run_extract
 from polarocc.pipeline.online import run_online
 from polarocc.pipeline.peers import run_peers
+from polarocc.pipeline.report import run_report
 from polarocc.pipeline.score import run_score
 from polarocc.pipeline.train import run_train
 
@@ -22,7 +25,10 @@ def _run_everything(folder: Path) -> None:
         run_score(params, norm, progress=False)
     run_online(params, "mine", progress=False)
     run_peers(params, progress=False)
+    run_export(params, progress=False)
+    run_analyze(params, progress=False)
     run_aggregate(params)
+    run_report(params)
 
 
 def test_two_runs_give_byte_identical_metrics(extracted_project: Path, tmp_path: Path) -> None:
@@ -34,5 +40,6 @@ def test_two_runs_give_byte_identical_metrics(extracted_project: Path, tmp_path:
         _run_everything(folder)
         runs.append(folder)
     for report in ("reports/metrics.json", "reports/results.csv", "reports/variants/norm-1.json",
-                   "reports/online/mine.json", "reports/peers.json"):
+                   "reports/online/mine.json", "reports/peers.json", "reports/analysis/cosines.json",
+                   "reports/analysis/budget.json", "reports/feasibility.csv", "reports/report.md"):
         assert (runs[0] / report).read_bytes() == (runs[1] / report).read_bytes(), report
