@@ -66,7 +66,7 @@ def child(task: str, store_path: str) -> None:
            "protocol_a": {"datasets": {}}}
     params = parse_params(raw)
     params = replace(params, train=TrainConfig(epochs=1, batch_size=2, dtype="float32", stats_memory_mb=64),
-                     score=ScoreConfig(), peers=PeersConfig(coreset_ratio=0.01, projection_dim=64))
+                     score=ScoreConfig(), peers=PeersConfig(coreset_ratio=0.01, projection_dim=64, bank_limit=20_000))
     start = time.perf_counter()
     if task == "train":
         from polarocc.pipeline.train import fit_store
@@ -118,8 +118,8 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "scales": [],
               "note": "train: the Gram trainer (1 epoch, batch 2) with the radius certificate; score: one model over "
                       "the test split, maps kept for pixel metrics; padim: per-position Gaussian over 100 random "
-                      "channels, accumulated batch by batch; patchcore: the whole memory bank in memory before "
-                      "the coreset is chosen."}
+                      "channels, accumulated batch by batch; patchcore: a seeded sample of at most "
+                      "peers.bank_limit (20000 here) training vectors, then the 1% coreset."}
     raw_per_image = CHANNELS * SIDE * SIDE * 2
     for scale in args.scales:
         images = args.base * scale

@@ -76,6 +76,7 @@ class PeersConfig:
     coreset_ratio: float = 0.01  # PatchCore: fraction of patch features kept by the greedy coreset
     k: int = 1  # PatchCore: nearest bank vectors averaged per patch
     projection_dim: int = 128  # PatchCore: random projection used while selecting the coreset
+    bank_limit: int = 1_000_000  # PatchCore: at most this many training vectors (a seeded sample) are held
     padim_channels: int = 100  # PaDiM: random channel subset (0 keeps all)
     padim_covariance: str = "per_position"  # PaDiM: per_position | shared (memory-aware)
     padim_eps: float = 0.01
@@ -407,6 +408,7 @@ def _validate_values(p: Params) -> None:
     _require(_is_number(pe.coreset_ratio) and 0 < pe.coreset_ratio <= 1, "peers.coreset_ratio", "must be in (0, 1]")
     _positive_int(pe.k, "peers.k")
     _positive_int(pe.projection_dim, "peers.projection_dim")
+    _positive_int(pe.bank_limit, "peers.bank_limit")
     _require(isinstance(pe.padim_channels, int) and pe.padim_channels >= 0, "peers.padim_channels",
              "must be a channel count (0 keeps all)")
     _choice(pe.padim_covariance, ("per_position", "shared"), "peers.padim_covariance")

@@ -66,3 +66,35 @@ def test_padim_needs_two_samples() -> None:
     peer = PaDiM(channels=None).partial_fit(torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="two normal samples"):
         peer.finalize()
+
+
+def test_reservoir_keeps_everything_below_its_limit_and_a_uniform_sample_above() -> None:
+    from polarocc.peers.patchcore import Reservoir
+
+    stream = torch.arange(100, dtype=torch.float32)[:, None]
+    whole = Reservoir(1000)
+    for start in range(0, 100, 7):
+        whole.add(stream[start:start + 7])
+    assert torch.equal(whole.rows, stream)
+
+    counts = np.zeros(100)
+    for seed in range(400):
+        sample = Reservoir(10, seed)
+        for start in range(0, 100, 13):
+            sample.add(stream[start:start + 13])
+        values = sample.rows[:, 0].long().numpy()
+        assert len(values) == 10 and len(set(values)) == 10
+        counts[values] += 1
+    # Each row is kept with probability 10/100: 40 of 400 runs, within sampling noise.
+    assert abs(counts[:10].mean() - 40) < 8 and abs(counts[90:].mean() - 40) < 8
+
+
+def test_patchcore_bank_limit_bounds_the_bank() -> None:
+    rng = np.random.default_rng(4)
+    train = torch.from_numpy(rng.standard_normal((6, 5, 4, 4)).astype(np.float32))
+    batches = [train[:2], train[2:5], train[5:]]
+    assert torch.equal(PatchCore(thin=False).fit(iter(batches)).bank, PatchCore(thin=False).fit(train).bank)
+    limited = PatchCore(thin=False, bank_limit=30, seed=1).fit(iter(batches))
+    assert limited.bank.shape == (30, 5)
+    every = train.permute(0, 2, 3, 1).reshape(-1, 5)
+    assert all((every == row).all(1).any() for row in limited.bank)  # a sample of the real vectors

@@ -4,6 +4,7 @@ the distance to the nearest bank entries. It reads the same cached features as t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -36,19 +37,61 @@ def greedy_coreset(bank: torch.Tensor, size: int, projection_dim: int = 128, see
     return chosen
 
 
+class Reservoir:
+    """A uniform random sample of at most ``limit`` rows from a stream of row blocks (Algorithm R, seeded).
+
+    While the stream holds no more than ``limit`` rows, the sample is every row in order.
+    """
+
+    def __init__(self, limit: int, seed: int = 1024) -> None:
+        self.limit = limit
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.rows: torch.Tensor | None = None
+        self.seen = 0
+
+    def add(self, block: torch.Tensor) -> None:
+        """Offer the rows of ``block`` (M, C)."""
+        if self.rows is None:
+            self.rows = torch.empty((0, block.shape[1]), dtype=block.dtype)
+        room = max(0, self.limit - len(self.rows))
+        if room:
+            self.rows = torch.cat([self.rows, block[:room]])
+        rest = block[room:]
+        if len(rest):
+            # Row t (0-based in the stream) replaces slot j ~ U{0..t} when j < limit; later rows win, as in
+            # the sequential algorithm.
+            positions = torch.arange(self.seen + room, self.seen + room + len(rest), dtype=torch.float64)
+            slots = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * (positions + 1)).long()
+            keep = slots < self.limit
+            self.rows[slots[keep]] = rest[keep]
+        self.seen += len(block)
+
+
 class PatchCore:
     """Memory bank of (coreset-thinned) normal feature vectors; patch score = mean distance to the ``k``
     nearest bank vectors (k = 1 is PatchCore's patch score)."""
 
     def __init__(self, coreset_ratio: float = 0.01, k: int = 1, projection_dim: int = 128, seed: int = 1024,
-                 thin: bool = True) -> None:
+                 thin: bool = True, bank_limit: int | None = None) -> None:
         self.coreset_ratio, self.k, self.projection_dim, self.seed, self.thin = (coreset_ratio, k, projection_dim,
                                                                                   seed, thin)
+        self.bank_limit = bank_limit
         self.bank: torch.Tensor | None = None
 
-    def fit(self, features: torch.Tensor) -> PatchCore:
-        """Build the bank from normal features (N, C, h, w); ``thin=False`` keeps every vector."""
-        bank = features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    def fit(self, features: torch.Tensor | Iterable[torch.Tensor]) -> PatchCore:
+        """Build the bank from normal features (N, C, h, w), a tensor or an iterable of batches.
+
+        At most ``bank_limit`` vectors (a seeded uniform sample) are held before the coreset is chosen, so
+        memory stays bounded however many images stream in; ``thin=False`` keeps the bank without a coreset.
+        """
+        batches = [features] if isinstance(features, torch.Tensor) else features
+        reservoir = Reservoir(self.bank_limit or 2 ** 62, self.seed)
+        for batch in batches:
+            batch = torch.as_tensor(batch)
+            reservoir.add(batch.float().permute(0, 2, 3, 1).reshape(-1, batch.shape[1]))
+        if reservoir.rows is None:
+            raise ValueError("PatchCore needs normal training features")
+        bank = reservoir.rows
         if self.thin:
             size = max(1, math.ceil(self.coreset_ratio * len(bank)))
             bank = bank[greedy_coreset(bank, size, self.projection_dim, self.seed)]

@@ -47,8 +47,9 @@ def fit_peer(method: str, params: Params, train_batches, channels: int, feature_
             peer.partial_fit(torch.from_numpy(np.asarray(batch)))
         return peer.finalize()
     # One vector per image (Protocol A) makes a small bank: keep it whole, thin only patch banks.
-    features = torch.cat([torch.from_numpy(np.asarray(b, dtype=np.float32)) for b in train_batches])
-    return PatchCore(pe.coreset_ratio, pe.k, pe.projection_dim, params.center.seed, thin=not image_level).fit(features)
+    peer = PatchCore(pe.coreset_ratio, pe.k, pe.projection_dim, params.center.seed, thin=not image_level,
+                     bank_limit=pe.bank_limit)
+    return peer.fit(torch.from_numpy(np.asarray(b, dtype=np.float32)) for b in train_batches)
 
 
 def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
