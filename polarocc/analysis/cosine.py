@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polarocc.analysis.polar import ANOMALOUS, NORMAL, PolarAccumulator, position_labels
+from polarocc.analysis.polar import ANOMALOUS, NORMAL, PolarAccumulator, store_position_labels
 from polarocc.features.store import FeatureStore
 
 
@@ -31,8 +31,7 @@ def normal_split_cosine(batches, sides: np.ndarray) -> float:
 def store_cosines(store: FeatureStore, seed: int) -> dict[str, float]:
     """Pre-trained cosines of a Protocol B category: normal vs anomalous test positions (labelled) and
     between the two halves of the normal training images (label-free)."""
-    shape = store.features("test").shape
-    labels = position_labels(store.masks(), [s.label for s in store.samples("test")], shape[2], shape[3])
+    labels = store_position_labels(store)
     acc = PolarAccumulator()
     for indices, features in store.batches("test"):
         acc.add(torch.from_numpy(np.asarray(features, dtype=np.float32)), labels[indices])

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from polarocc.features.store import FeatureStore
+
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 IGNORED, NORMAL, ANOMALOUS = 0, 1, 2
 
@@ -23,6 +25,12 @@ def position_labels(masks: np.ndarray, image_labels: np.ndarray, height: int, wi
     labels[torch.as_tensor(np.asarray(image_labels) == 0)] = NORMAL
     labels[coverage > 0.5] = ANOMALOUS
     return labels
+
+
+def store_position_labels(store: FeatureStore) -> torch.Tensor:
+    """:func:`position_labels` of a store's test split at its feature resolution."""
+    shape = store.features("test").shape
+    return position_labels(store.masks(), [s.label for s in store.samples("test")], shape[2], shape[3])
 
 
 class PolarAccumulator:

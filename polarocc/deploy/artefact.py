@@ -8,7 +8,6 @@ came from and the library versions that wrote it.
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 
+from polarocc.atomic import torch_save_atomic
+from polarocc.config import ScoreConfig
 from polarocc.errors import ModelError
 from polarocc.models.projector import Projector
 
@@ -101,6 +102,11 @@ class ModelArtefact:
                              f"{tuple(self.feature_shape)}: backbone, layers or input geometry differ")
 
 
+def score_settings(cfg: ScoreConfig) -> dict[str, Any]:
+    """What a model file records of the ``score`` params: everything but the device it ran on."""
+    return {k: v for k, v in vars(cfg).items() if k != "device"}
+
+
 def _same(value: Any) -> Any:
     # Lists and tuples of the same numbers describe the same setting (JSON/YAML round trips change the type).
     return [float(v) for v in value] if isinstance(value, list | tuple) else value
@@ -108,12 +114,7 @@ def _same(value: Any) -> Any:
 
 def save_artefact(path: Path | str, artefact: ModelArtefact) -> Path:
     """Write the artefact atomically (a crash leaves the previous file intact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(artefact.to_dict(), partial)
-    os.replace(partial, path)
-    return path
+    return torch_save_atomic(artefact.to_dict(), path)
 
 
 def load_artefact(path: Path | str) -> ModelArtefact:

@@ -9,7 +9,9 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from polarocc.data.images import load_image, open_image
+from polarocc.data.images import load_image
+from polarocc.data.mvtec import check_files
+from polarocc.data.samples import Sample
 from polarocc.deploy.artefact import ModelArtefact, Threshold
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.inputs import output_names
@@ -37,17 +39,11 @@ def choose_threshold(artefact: ModelArtefact, value: float | None = None, quanti
     return artefact.threshold
 
 
-def check_readable(images: list[Path], progress: bool = True) -> None:
-    """Decode every image once before any scoring, so a bad file stops the run early, by name."""
-    for path in tqdm(images, desc="check images", unit="image", disable=not progress, leave=False):
-        open_image(path)
-
-
 def predict(detector: Detector, images: list[Path], out: Path, threshold: Threshold, batch_size: int = 16,
             write_maps: bool = True, progress: bool = True) -> pl.DataFrame:
     """Score ``images``; writes ``out/scores.csv`` row by row, and per image ``out/maps/<name>.npy`` (the
     float32 anomaly map at the model's crop size) and ``out/overlays/<name>.png``."""
-    check_readable(images, progress)
+    check_files([Sample(p, 0) for p in images], progress)  # a bad file stops the run by name, before scoring
     names = output_names(images)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "scores.csv").open("w", newline="") as fh, tqdm(total=len(images), desc="predict", unit="image",

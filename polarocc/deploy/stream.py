@@ -25,15 +25,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc.atomic import torch_save_atomic
 from polarocc.config import Params
 from polarocc.data.images import load_image
-from polarocc.deploy.artefact import ModelArtefact, Threshold, save_artefact
+from polarocc.deploy.artefact import ModelArtefact, Threshold, save_artefact, score_settings
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.threshold import quantile_threshold
 from polarocc.errors import ConfigError, DataError, ModelError
 from polarocc.models.backbone import FeatureExtractor, build_extractor
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
+from polarocc.pipeline.extract import backbone_record
 from polarocc.training.direct import hinge_loss
 from polarocc.training.optim import Adam
 
@@ -96,12 +98,11 @@ def cold_start_artefact(params: Params, extractor: FeatureExtractor) -> ModelArt
     center = make_center(params.center.distribution, params.center.norm, spec.channels, params.center.seed)
     projector = Projector(spec.channels, params.projector.kind, params.projector.bias, seed=params.train.seed,
                           dtype=torch.float64)
-    backbone = {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
     t = params.train
     return ModelArtefact(
-        projector=projector.state(), center=center, backbone=backbone,
+        projector=projector.state(), center=center, backbone=backbone_record(b, spec),
         geometry={"resize": b.resize, "crop": b.crop}, feature_shape=(spec.channels, spec.height, spec.width),
-        score={k: v for k, v in vars(params.score).items() if k != "device"}, threshold=None,
+        score=score_settings(params.score), threshold=None,
         train={"lr": t.lr, "weight_decay": t.weight_decay, "radius": t.radius, "batch_size": 1, "seed": t.seed},
         provenance={"protocol": "stream cold start", "distribution": params.center.distribution,
                     "norm": float(params.center.norm)})
@@ -194,14 +195,6 @@ class OnlineLearner:
             provenance={**self.artefact.provenance, "stream_images": self.processed})
 
 
-def save_state(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a crash leaves the previous state file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
-
-
 def _resume(learner: OnlineLearner, state_path: Path, csv_path: Path, images: list[Path], identity: dict) -> int:
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
@@ -254,8 +247,9 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
         def checkpoint() -> None:
             fh.flush()
             os.fsync(fh.fileno())
-            save_state(state_path, {"format": STATE_FORMAT, "identity": identity, "learner": learner.state(),
-                                    "inputs_digest": digest(images[:learner.processed]), "csv_bytes": fh.tell()})
+            torch_save_atomic({"format": STATE_FORMAT, "identity": identity, "learner": learner.state(),
+                               "inputs_digest": digest(images[:learner.processed]), "csv_bytes": fh.tell()},
+                              state_path)
 
         if start == 0:
             checkpoint()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from polarocc.atomic import torch_save_atomic
 from polarocc.errors import WeightsError
 
 PACKAGE = "package"
@@ -75,11 +76,7 @@ def converted_package_weights() -> Path:
     state = torch.load(source, map_location="cpu", weights_only=True)
     converted = convert_efficientnet_pytorch(state, [len(stage) for stage in model.blocks])
     model.load_state_dict(converted, strict=True)  # proves the mapping is complete before caching it
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.partial")
-    torch.save(converted, partial)
-    os.replace(partial, target)
-    return target
+    return torch_save_atomic(converted, target)
 
 
 def resolve_weights(name: str, weights: str) -> tuple[bool, dict[str, str]]:

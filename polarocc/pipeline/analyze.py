@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from polarocc.analysis.cosine import store_cosines, vector_cosines
-from polarocc.analysis.polar import ANOMALOUS, NORMAL, position_labels
+from polarocc.analysis.polar import ANOMALOUS, NORMAL, store_position_labels
 from polarocc.config import Params
 from polarocc.data.images import Geometry, load_image
 from polarocc.deploy.artefact import load_artefact
@@ -26,10 +26,9 @@ from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths, protocol_a
 from polarocc.pipeline.online import LearningCurve
-from polarocc.pipeline.score import score_store
 from polarocc.pipeline.train import fit_store, load_model
 from polarocc.reports.figures import overlay_grid, tsne_plot
-from polarocc.scoring.maps import project
+from polarocc.scoring.maps import project, score_batch
 
 
 def _with_bias(params: Params, bias: bool) -> Params:
@@ -89,10 +88,9 @@ def budget_classes(params: Params, dataset: str, bias: bool) -> dict[str, list[d
 
 def _tsne_sample(store: FeatureStore, count: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """A fixed sample of normal and anomalous test feature positions (half each where possible)."""
-    shape = store.features("test").shape
-    labels = position_labels(store.masks(), [s.label for s in store.samples("test")], shape[2], shape[3])
+    labels = store_position_labels(store)
     features = torch.from_numpy(np.asarray(store.features("test")[:], dtype=np.float32))
-    flat = features.permute(0, 2, 3, 1).reshape(-1, shape[1])
+    flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     flat_labels = labels.reshape(-1).numpy()
     rng = np.random.default_rng(seed)
     chosen = []
@@ -140,12 +138,16 @@ def overlays(params: Params, dataset: str, category: str) -> None:
         firsts.setdefault(s.defect_type, i)
     picks = [i for t, i in sorted(firsts.items()) if t != "good"][:params.analysis.overlays_per_category - 1]
     picks.append(firsts.get("good", 0))
-    [(scores, maps)] = score_store(store, [(artefact.build_projector(), artefact.center)], params.score)
+    # Only the chosen images are read and scored.
+    features = torch.from_numpy(np.concatenate([store.features("test")[i:i + 1] for i in picks]))
+    s = params.score
+    maps, scores = score_batch(artefact.build_projector(), artefact.center, features, artefact.geometry["crop"],
+                               s.sigma, s.reduction, s.topk, s.squared)
     geometry = Geometry(**artefact.geometry)
     images = [load_image(samples[i].path, geometry) for i in picks]
     titles = [f"{samples[i].defect_type}/{samples[i].path.name}" for i in picks]
-    overlay_grid(images, [maps[i] for i in picks], [float(scores[i]) for i in picks], artefact.threshold.value,
-                 titles, paths.overlay_plot(params, dataset, category))
+    overlay_grid(images, list(maps.float().numpy()), [float(v) for v in scores], artefact.threshold.value, titles,
+                 paths.overlay_plot(params, dataset, category))
 
 
 def run_analyze(params: Params, progress: bool = True) -> dict:

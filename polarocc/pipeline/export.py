@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from polarocc.config import Params, validate_norm
-from polarocc.deploy.artefact import ModelArtefact, save_artefact
+from polarocc.deploy.artefact import ModelArtefact, save_artefact, score_settings
 from polarocc.deploy.threshold import quantile_threshold
 from polarocc.errors import ModelError
 from polarocc.features.extract import pick_device
@@ -26,11 +26,10 @@ def build_artefact(projector: Projector, center: torch.Tensor, store: FeatureSto
     [(normal, _)] = score_store(store, [(projector, center)], params.score, device, split="train", keep_maps=False)
     projector.to("cpu")
     attrs = store.attrs
-    score = {k: v for k, v in vars(params.score).items() if k != "device"}
     return ModelArtefact(
         projector=projector.state(), center=center.detach().cpu().to(torch.float64), backbone=attrs["backbone"],
         geometry=attrs["geometry"], feature_shape=tuple(int(n) for n in store.features("train").shape[1:]),
-        score=score, threshold=quantile_threshold(normal, params.deploy.threshold_quantile),
+        score=score_settings(params.score), threshold=quantile_threshold(normal, params.deploy.threshold_quantile),
         normal_scores=[float(s) for s in normal], train=train,
         provenance={**provenance, "store": str(store.path), "store_fingerprint": attrs["fingerprint"]})
 

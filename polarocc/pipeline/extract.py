@@ -6,14 +6,19 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from polarocc.config import Params, check_backbone_known, check_datasets_exist
+from polarocc.config import BackboneConfig, Params, check_backbone_known, check_datasets_exist
 from polarocc.data.images import Geometry
 from polarocc.errors import ConfigError
 from polarocc.features import store as fs
 from polarocc.features.distributed import WorkerSpec, extract_category_distributed, make_client
 from polarocc.features.extract import CategoryExtractor, extract_category, pick_device, read_category
-from polarocc.models.backbone import build_extractor
+from polarocc.models.backbone import FeatureSpec, build_extractor
 from polarocc.pipeline import paths
+
+
+def backbone_record(b: BackboneConfig, spec: FeatureSpec) -> dict:
+    """How a store's (or a model's) features were made, with the normalisation actually applied."""
+    return {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
 
 
 def run_extract(params: Params, dataset: str, progress: bool = True,
@@ -38,7 +43,7 @@ def run_extract(params: Params, dataset: str, progress: bool = True,
     layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
                             e.compressor, e.level)
     device = pick_device(e.device)
-    backbone = {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
+    backbone = backbone_record(b, spec)
     if e.scheduler != "inprocess":
         return _extract_on_cluster(params, dataset, samples, layout, backbone, device, progress)
     runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, device)

@@ -19,7 +19,7 @@ from polarocc.peers.patchcore import PatchCore
 from polarocc.pipeline import paths, protocol_a
 from polarocc.pipeline.score import category_metrics
 from polarocc.scoring.maps import finish_maps, project
-from polarocc.scoring.metrics import connected_regions, f1_max, image_auroc
+from polarocc.scoring.metrics import connected_regions
 
 
 class UntrainedProjector:
@@ -81,9 +81,7 @@ def peer_classes(params: Params, dataset: str, method: str) -> dict[str, dict]:
         peer = fit_peer(method, params, [own], own.shape[1], mean, True)
         rows, anomalous = protocol_a.class_targets(test_labels, label, defective if ds.format == "mvtec" else None)
         scores = peer.distance_maps(torch.from_numpy(test[rows]))[:, 0, 0].double().numpy()
-        out[name] = {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
-                     "aupro": None, "image_f1_max": f1_max(anomalous, scores), "pixel_f1_max": None,
-                     "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
+        out[name] = protocol_a.image_metrics(anomalous, scores)
     return out
 
 

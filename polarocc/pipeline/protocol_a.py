@@ -194,9 +194,14 @@ def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector:
     scores = distances[:, 0, 0].numpy()
     polar = PolarAccumulator(center)
     polar.add(z, torch.from_numpy(np.where(anomalous == 1, ANOMALOUS, NORMAL)[:, None, None]))
+    return {**image_metrics(anomalous, scores), "polar": polar.summary()}
+
+
+def image_metrics(anomalous: np.ndarray, scores: np.ndarray) -> dict:
+    """Protocol A's metrics of image scores against 0/1 anomalous flags (no pixel metrics)."""
     return {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
             "aupro": None, "image_f1_max": f1_max(anomalous, scores), "pixel_f1_max": None,
-            "n_test": len(anomalous), "n_anomalous": int(anomalous.sum()), "polar": polar.summary()}
+            "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
 
 
 def class_targets(labels: np.ndarray, label: int, defective: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from polarocc.analysis.polar import PolarAccumulator, position_labels
+from polarocc.analysis.polar import PolarAccumulator, store_position_labels
 from polarocc.config import Params, ScoreConfig, validate_norm
 from polarocc.features.extract import pick_device
 from polarocc.features.store import FeatureStore
@@ -32,10 +32,7 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
     crop = int(store.attrs["geometry"]["crop"])
     scores: list[list[np.ndarray]] = [[] for _ in models]
     maps: list[list[np.ndarray]] = [[] for _ in models]
-    labels = None
-    if polar is not None:
-        shape = store.features(split).shape
-        labels = position_labels(store.masks(), [s.label for s in store.samples(split)], shape[2], shape[3])
+    labels = None if polar is None else store_position_labels(store)
     for indices, features in store.batches(split):
         batch = torch.from_numpy(features).to(device)
         for i, (projector, center) in enumerate(models):

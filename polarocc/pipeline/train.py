@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc.atomic import torch_save_atomic
 from polarocc.config import Params, TrainConfig, validate_norm
 from polarocc.errors import NumericalError
 from polarocc.features.store import FeatureStore
@@ -98,10 +99,7 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
 
 def save_model(path: Path, projector: Projector, center: torch.Tensor, meta: dict) -> None:
     """Write a trained projector with its center and provenance (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save({"projector": projector.state(), "center": center.cpu(), **meta}, partial)
-    os.replace(partial, path)
+    torch_save_atomic({"projector": projector.state(), "center": center.cpu(), **meta}, path)
 
 
 def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
