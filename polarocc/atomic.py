@@ -9,11 +9,15 @@ from typing import Any
 import torch
 
 
-def torch_save_atomic(payload: Any, path: Path | str) -> Path:
-    """``torch.save`` to a process-unique temporary beside ``path``, then rename it into place."""
+def torch_save_atomic(payload: Any, path: Path | str, temporary: Path | None = None) -> Path:
+    """``torch.save`` to ``temporary`` (default ``<path>.partial``), then rename it into place.
+
+    torch.save names the records inside its zip archive after the file it writes, so the temporary's name
+    is part of the file's bytes: keep it fixed where outputs must be byte-identical across runs.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial = temporary or path.with_name(f"{path.name}.partial")
     torch.save(payload, partial)
     os.replace(partial, path)
     return path

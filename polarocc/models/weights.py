@@ -76,7 +76,8 @@ def converted_package_weights() -> Path:
     state = torch.load(source, map_location="cpu", weights_only=True)
     converted = convert_efficientnet_pytorch(state, [len(stage) for stage in model.blocks])
     model.load_state_dict(converted, strict=True)  # proves the mapping is complete before caching it
-    return torch_save_atomic(converted, target)
+    # A process-unique temporary: several dask workers may convert at once.
+    return torch_save_atomic(converted, target, target.with_suffix(f".{os.getpid()}.partial"))
 
 
 def resolve_weights(name: str, weights: str) -> tuple[bool, dict[str, str]]:

@@ -99,7 +99,8 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
 
 def save_model(path: Path, projector: Projector, center: torch.Tensor, meta: dict) -> None:
     """Write a trained projector with its center and provenance (atomic)."""
-    torch_save_atomic({"projector": projector.state(), "center": center.cpu(), **meta}, path)
+    torch_save_atomic({"projector": projector.state(), "center": center.cpu(), **meta}, path,
+                      path.with_suffix(".partial"))
 
 
 def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
