@@ -184,6 +184,7 @@ class ScoreConfig:
     topk: int = 10
     squared: bool = True
     device: str = "auto"
+    metrics_memory_mb: int = 2048  # pixel metrics are exact while every map fits this, else binned (bounded)
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,8 @@ def _validate_values(p: Params) -> None:
     _choice(s.reduction, REDUCTIONS, "score.reduction")
     _positive_int(s.topk, "score.topk")
     _choice(s.device, ("auto", "cpu", "cuda"), "score.device")
+    _require(isinstance(s.metrics_memory_mb, int) and not isinstance(s.metrics_memory_mb, bool)
+             and s.metrics_memory_mb >= 0, "score.metrics_memory_mb", "must be an integer >= 0 (0: always binned)")
 
     a = p.protocol_a
     for key in ("resize", "crop", "epochs", "batch_size"):

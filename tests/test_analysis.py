@@ -33,6 +33,26 @@ def test_cross_cosine_is_the_mean_over_every_pair() -> None:
     assert summary["normal"]["count"] + summary["anomalous"]["count"] == int((kinds != IGNORED).sum())
 
 
+def test_polar_quantiles_come_from_a_bounded_sample() -> None:
+    rng = np.random.default_rng(1)
+    vectors = torch.from_numpy(rng.standard_normal((40, 4, 8, 8)) * rng.uniform(0.5, 3, (40, 1, 1, 1)))
+    labels = torch.full((40, 8, 8), NORMAL, dtype=torch.int8)
+    labels[20:] = ANOMALOUS
+    whole, bounded = PolarAccumulator(torch.ones(4)), PolarAccumulator(torch.ones(4), sample_limit=300)
+    for start in range(0, 40, 8):
+        whole.add(vectors[start:start + 8], labels[start:start + 8])
+        bounded.add(vectors[start:start + 8], labels[start:start + 8])
+    assert len(bounded.sample[NORMAL].rows) == 300 < 20 * 64 == len(whole.sample[NORMAL].rows)
+    full, sampled = whole.summary(), bounded.summary()
+    # Counts and the cosine use every vector; quantiles of a 300-vector sample land near the full ones.
+    assert sampled["cosine_normal_anomalous"] == full["cosine_normal_anomalous"]
+    assert sampled["normal"]["count"] == full["normal"]["count"] == 1280
+    for kind in ("normal", "anomalous"):
+        assert sampled[kind]["radius"]["q50"] == pytest.approx(full[kind]["radius"]["q50"], rel=0.1)
+        assert sampled[kind]["angle_deg"]["q50"] == pytest.approx(full[kind]["angle_deg"]["q50"], rel=0.1)
+        assert sampled[kind]["radius"] != full[kind]["radius"]
+
+
 def test_position_labels() -> None:
     masks = np.zeros((2, 8, 8), dtype=bool)
     masks[1, :4, :4] = True  # the top-left quarter of image 1 is defective

@@ -74,7 +74,7 @@ def test_export_any_trained_variant(trained: Path, tmp_path: Path) -> None:
     assert model.provenance == {**model.provenance, "protocol": "B", "distribution": "ones", "norm": 1.0}
     assert model.train["epochs"] == 3 and len(model.train["history"]["loss"]) == 3
     store = FeatureStore(paths.feature_store(params, "mine", "gravel"))
-    [(normal, _)] = score_store(store, [(model.build_projector(), model.center)], params.score, split="train")
+    [normal] = score_store(store, [(model.build_projector(), model.center)], params.score, split="train")
     assert model.normal_scores == pytest.approx(normal.tolist())
     with pytest.raises(FileNotFoundError, match="run the train stage"):
         export_variant(params, 8.0, "ones", "mine", "gravel", tmp_path / "x.pt")

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,3 +91,63 @@ def test_sigkill_mid_extraction_then_rerun_gives_the_uninterrupted_store(extract
     for category in ("brick", "gravel"):
         _assert_same_store(paths.feature_store(params_whole, "mine", category),
                            paths.feature_store(params_killed, "mine", category))
+
+
+def test_protocol_a_on_a_two_worker_cluster_equals_in_process(params_dict: dict, tmp_path: Path) -> None:
+    # Digits live in memory: each task carries its shard's images to the worker instead of file paths.
+    from polarocc.config import parse_params
+    from polarocc.pipeline.protocol_a import STORE_NAME, run_extract_a
+
+    stores = {}
+    for scheduler in ("inprocess", "local"):
+        raw = {**params_dict, "extract": {**params_dict["extract"], "scheduler": scheduler, "workers": 2,
+                                          "threads_per_worker": torch.get_num_threads()}}
+        params = parse_params(raw, tmp_path / scheduler)
+        computed = run_extract_a(params, "digits", progress=False)
+        assert computed == {"train": 15, "test": 15}  # 1797 digits, split in halves, in shards of 64
+        stores[scheduler] = paths.feature_store(params, "digits", STORE_NAME)
+    a, b = (zarr.open_group(stores[s], mode="r") for s in ("inprocess", "local"))
+    assert a.attrs["fingerprint"] == b.attrs["fingerprint"] and b.attrs["complete"]
+    for name in ("train/features", "test/features"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+
+
+_CONCURRENCY = {"running": 0, "peak": 0}
+_CONCURRENCY_LOCK = threading.Lock()
+
+
+def _recording_shard(spec, store: str, split: str, shard: int, records, raw=None) -> int:
+    """Stands in for a shard task in a threaded worker: records how many run at once, marks the shard done."""
+    with _CONCURRENCY_LOCK:
+        _CONCURRENCY["running"] += 1
+        _CONCURRENCY["peak"] = max(_CONCURRENCY["peak"], _CONCURRENCY["running"])
+    time.sleep(0.2)
+    zarr.open_group(store, mode="r+")[split]["done"][shard] = True
+    with _CONCURRENCY_LOCK:
+        _CONCURRENCY["running"] -= 1
+    return shard
+
+
+def test_cuda_tasks_ask_for_a_gpu_so_each_gpu_runs_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    # A threaded worker with four threads and one GPU: without the resource it would run four tasks at once.
+    # The task is replaced by one that only records concurrency (no CUDA here).
+    from dask.distributed import Client, LocalCluster
+
+    from polarocc.data.samples import Sample
+    from polarocc.features import distributed
+    from polarocc.features import store as fs
+
+    monkeypatch.setattr(distributed, "extract_shard", _recording_shard)
+    samples = {split: [Sample(Path(f"{split}/{i}.png"), 0) for i in range(8)] for split in fs.SPLITS}
+    layout = fs.StoreLayout(4, 2, 2, 8, shard_images=1)
+    for device, expected_peak in (("cuda", 1), ("cpu", 4)):
+        spec = distributed.WorkerSpec("x", (1,), 3, "none", None, None, 8, 8, 1, "float16", device, 1)
+        cluster = LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None,
+                               resources={"GPU": 1})
+        _CONCURRENCY["peak"] = 0
+        with cluster, Client(cluster) as client:
+            computed = distributed.extract_category_distributed(
+                client, spec, samples, layout, {}, tmp_path / f"{device}.zarr", tmp_path / f"{device}.partial",
+                progress=False)
+        assert computed == {"train": 8, "test": 8}
+        assert _CONCURRENCY["peak"] == expected_peak

@@ -20,6 +20,7 @@ from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
 from polarocc.pipeline.online import checkpoints, online_config, run_category, run_online
 from polarocc.pipeline.score import score_store
+from polarocc.scoring.maps import score_batch
 from polarocc.scoring.metrics import image_auroc, pixel_auroc
 from polarocc.training.direct import train_direct
 
@@ -58,10 +59,13 @@ def test_curve_does_not_change_the_model_and_ends_at_the_final_scores(project: P
     torch.testing.assert_close(projector.weight, reference.weight, rtol=0, atol=1e-9)
     torch.testing.assert_close(center, cold)
 
-    [(scores, maps)] = score_store(store, [(projector, center)], params.score)
+    [scores] = score_store(store, [(projector, center)], params.score)
+    cfg = params.score
+    maps, _ = score_batch(projector, center, torch.from_numpy(store.features("test")[:]),
+                          int(store.attrs["geometry"]["crop"]), cfg.sigma, cfg.reduction, cfg.topk, cfg.squared)
     labels = np.array([s.label for s in store.samples("test")])
     assert metrics["image_auroc"] == image_auroc(labels, scores) == metrics["curve"][-1]["image_auroc"]
-    assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(store.masks(), maps), abs=1e-12)
+    assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(store.masks(), maps.numpy()), abs=1e-12)
     assert metrics["scores"] == pytest.approx(scores, abs=1e-5)
 
 

@@ -69,7 +69,7 @@ def test_padim_needs_two_samples() -> None:
 
 
 def test_reservoir_keeps_everything_below_its_limit_and_a_uniform_sample_above() -> None:
-    from polarocc.peers.patchcore import Reservoir
+    from polarocc.sampling import Reservoir
 
     stream = torch.arange(100, dtype=torch.float32)[:, None]
     whole = Reservoir(1000)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from polarocc.features.store import FeatureStore
+from polarocc.sampling import Reservoir
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 IGNORED, NORMAL, ANOMALOUS = 0, 1, 2
@@ -27,19 +28,27 @@ def position_labels(masks: np.ndarray, image_labels: np.ndarray, height: int, wi
     return labels
 
 
-def store_position_labels(store: FeatureStore) -> torch.Tensor:
-    """:func:`position_labels` of a store's test split at its feature resolution."""
+def store_position_labels(store: FeatureStore, rows: slice = slice(None)) -> torch.Tensor:
+    """:func:`position_labels` of a store's test images ``rows`` at its feature resolution, reading the
+    full-size masks one shard at a time."""
     shape = store.features("test").shape
-    return position_labels(store.masks(), [s.label for s in store.samples("test")], shape[2], shape[3])
+    image_labels = np.array([s.label for s in store.samples("test")])
+    start, stop, _ = rows.indices(shape[0])
+    step = int(store.features("test").shards[0])
+    return torch.cat([position_labels(store.masks(slice(i, min(i + step, stop))), image_labels[i:min(i + step, stop)],
+                                      shape[2], shape[3]) for i in range(start, stop, step)])
 
 
 class PolarAccumulator:
-    """Collects radius, angle and mean unit vectors of normal and anomalous vectors, batch by batch."""
+    """Collects radius, angle and mean unit vectors of normal and anomalous vectors, batch by batch.
 
-    def __init__(self, center: torch.Tensor | None = None) -> None:
+    Quantiles come from at most ``sample_limit`` (radius, angle) pairs per kind, a seeded uniform sample:
+    every pair while there are fewer, so memory stays bounded on large test sets.
+    """
+
+    def __init__(self, center: torch.Tensor | None = None, sample_limit: int = 2 ** 20, seed: int = 1024) -> None:
         self.center = None if center is None else center.detach().double().cpu()
-        self.radius: dict[int, list[np.ndarray]] = {NORMAL: [], ANOMALOUS: []}
-        self.angle: dict[int, list[np.ndarray]] = {NORMAL: [], ANOMALOUS: []}
+        self.sample = {NORMAL: Reservoir(sample_limit, seed), ANOMALOUS: Reservoir(sample_limit, seed + 1)}
         self.unit_sum = {NORMAL: 0.0, ANOMALOUS: 0.0}
         self.count = {NORMAL: 0, ANOMALOUS: 0}
 
@@ -52,13 +61,14 @@ class PolarAccumulator:
             if not len(part):
                 continue
             radius = torch.linalg.vector_norm(part, dim=1)
-            self.radius[kind].append(radius.float().numpy())
             unit = part / radius.clamp_min(1e-300)[:, None]
             self.unit_sum[kind] = self.unit_sum[kind] + unit.sum(0)
             self.count[kind] += len(part)
+            angle = torch.full_like(radius, float("nan"))
             if self.center is not None:
                 cos = (unit @ (self.center / torch.linalg.vector_norm(self.center))).clamp(-1, 1)
-                self.angle[kind].append(torch.rad2deg(torch.arccos(cos)).float().numpy())
+                angle = torch.rad2deg(torch.arccos(cos))
+            self.sample[kind].add(torch.stack([radius, angle], 1).float())
 
     def mean_unit(self, kind: int) -> torch.Tensor:
         """The mean unit vector of one kind."""
@@ -74,15 +84,15 @@ class PolarAccumulator:
         """JSON-ready quantiles of radius (and angle) per kind, and the normal-anomalous cosine."""
         out: dict = {"cosine_normal_anomalous": round(self.cross_cosine(), 6)}
         for kind, name in ((NORMAL, "normal"), (ANOMALOUS, "anomalous")):
-            entry = {"count": self.count[kind], "radius": _quantiles(self.radius[kind])}
+            sample = self.sample[kind].rows.numpy()
+            entry = {"count": self.count[kind], "radius": _quantiles(sample[:, 0])}
             if self.center is not None:
-                entry["angle_deg"] = _quantiles(self.angle[kind])
+                entry["angle_deg"] = _quantiles(sample[:, 1])
             out[name] = entry
         return out
 
 
-def _quantiles(parts: list[np.ndarray]) -> dict[str, float]:
-    values = np.concatenate(parts)
+def _quantiles(values: np.ndarray) -> dict[str, float]:
     qs = np.quantile(values, QUANTILES)
     return {"mean": round(float(values.mean()), 6), **{f"q{int(q * 100):02d}": round(float(v), 6)
                                                       for q, v in zip(QUANTILES, qs, strict=True)}}

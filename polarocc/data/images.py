@@ -61,6 +61,12 @@ def load_image(path: Path, geometry: Geometry) -> np.ndarray:
     return np.asarray(img.crop(geometry.box()), dtype=np.uint8)
 
 
+def resize_crop(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """An in-memory uint8 image resized and cropped like :func:`load_image` does a file."""
+    img = Image.fromarray(image).resize((geometry.resize, geometry.resize), Image.Resampling.BILINEAR)
+    return np.asarray(img.crop(geometry.box()))
+
+
 def load_mask(path: Path, geometry: Geometry) -> np.ndarray:
     """Read a mask as a bool array (crop, crop); any non-zero pixel is defective."""
     mask = open_image(path)

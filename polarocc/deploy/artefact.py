@@ -103,8 +103,9 @@ class ModelArtefact:
 
 
 def score_settings(cfg: ScoreConfig) -> dict[str, Any]:
-    """What a model file records of the ``score`` params: everything but the device it ran on."""
-    return {k: v for k, v in vars(cfg).items() if k != "device"}
+    """What a model file records of the ``score`` params: how maps become scores, not where they were
+    computed or how the test metrics were accumulated."""
+    return {k: v for k, v in vars(cfg).items() if k not in ("device", "metrics_memory_mb")}
 
 
 def _same(value: Any) -> Any:

@@ -9,19 +9,22 @@ flags like an in-process one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zarr
 from tqdm import tqdm
 
-from polarocc.data.images import Geometry
+from polarocc.data.images import Geometry, resize_crop
 from polarocc.data.samples import Sample
 from polarocc.features import store as fs
 from polarocc.features.extract import CategoryExtractor, check_finite, store_fingerprint
-from polarocc.models.backbone import build_extractor
+from polarocc.models.backbone import build_extractor, build_pooled_extractor
 
 # The extractor each worker process builds once per backbone spec (never pickled with the tasks).
 _RUNNERS: dict[str, CategoryExtractor] = {}
@@ -43,6 +46,7 @@ class WorkerSpec:
     dtype: str
     device: str
     threads: int
+    pooled: bool = False  # Protocol A: the whole classifier read out before its last layer (layers, pool unused)
 
     def key(self) -> str:
         """Cache key of the worker's extractor."""
@@ -54,18 +58,26 @@ def worker_runner(spec: WorkerSpec) -> CategoryExtractor:
     key = spec.key()
     if key not in _RUNNERS:
         torch.set_num_threads(spec.threads)
-        extractor = build_extractor(spec.name, spec.layers, spec.pool, spec.weights, spec.mean, spec.std)
+        extractor = (build_pooled_extractor(spec.name, spec.weights, spec.mean, spec.std) if spec.pooled
+                     else build_extractor(spec.name, spec.layers, spec.pool, spec.weights, spec.mean, spec.std))
         _RUNNERS[key] = CategoryExtractor(extractor, Geometry(spec.resize, spec.crop), spec.batch_size, spec.dtype,
                                           spec.device)
     return _RUNNERS[key]
 
 
-def extract_shard(spec: WorkerSpec, store: str, split: str, shard: int, records: list[dict[str, Any]]) -> int:
-    """Task: compute and write one whole shard of ``split`` in the partial store at ``store``."""
+def extract_shard(spec: WorkerSpec, store: str, split: str, shard: int, records: list[dict[str, Any]],
+                  raw: np.ndarray | None = None) -> int:
+    """Task: compute and write one whole shard of ``split`` in the partial store at ``store``.
+
+    ``raw`` holds the shard's images when they live in memory (array datasets such as CIFAR), as uint8
+    (B, h, w[, 3]) before resizing; otherwise the worker reads the samples' files.
+    """
     runner = worker_runner(spec)
     group = zarr.open_group(store, mode="r+")
     items = [Sample.from_record(r) for r in records]
-    features = runner.features(runner.load(items))
+    geometry = runner.geometry
+    images = runner.load(items) if raw is None else np.stack([resize_crop(image, geometry) for image in raw])
+    features = runner.features(images)
     check_finite(features, items)
     runner.write(group[split], shard, fs.shard_size(group, split), items, features)
     return shard
@@ -82,10 +94,28 @@ def make_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool
     return Client(scheduler)
 
 
+@contextmanager
+def cluster_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool = False) -> Iterator[Any]:
+    """:func:`make_client` for the duration of a block; a LocalCluster it started is shut down after."""
+    client = make_client(scheduler, workers, threads_per_worker, gpu)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and scheduler == "local":
+            cluster.close()
+
+
 def extract_category_distributed(client, spec: WorkerSpec, samples: dict[str, list[Sample]],
                                  layout: fs.StoreLayout, backbone: dict, final: Path, partial: Path,
-                                 progress: bool = True) -> dict[str, int]:
-    """Build (or resume) one category store on the cluster and move it into place; returns shards computed."""
+                                 progress: bool = True,
+                                 raw_images: Callable[[list[Sample]], np.ndarray] | None = None) -> dict[str, int]:
+    """Build (or resume) one category store on the cluster and move it into place; returns shards computed.
+
+    ``raw_images`` returns the in-memory images of a shard's samples (array datasets); each task then
+    carries its shard's images instead of reading files.
+    """
     from dask.distributed import as_completed
 
     geometry = Geometry(spec.resize, spec.crop)
@@ -98,9 +128,11 @@ def extract_category_distributed(client, spec: WorkerSpec, samples: dict[str, li
         size = fs.shard_size(group, split)
         pending = fs.pending_shards(group, split)
         computed[split] = len(pending)
-        futures += [client.submit(extract_shard, spec, str(partial), split, k,
-                                  [s.to_record() for s in items[k * size:(k + 1) * size]], pure=False,
-                                  resources=resources) for k in pending]
+        for k in pending:
+            part = items[k * size:(k + 1) * size]
+            futures.append(client.submit(extract_shard, spec, str(partial), split, k, [s.to_record() for s in part],
+                                         None if raw_images is None else raw_images(part), pure=False,
+                                         resources=resources))
     with tqdm(total=len(futures), desc="  shards", unit="shard", disable=not progress, leave=False) as bar:
         for future in as_completed(futures):
             future.result()  # re-raises a task's error (bad image, NaN features) here, by name

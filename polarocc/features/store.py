@@ -205,6 +205,6 @@ class FeatureStore:
         sums = self.group["train/sums"][:]
         return sums.sum(0) / (len(sums) * self.pixels_per_image)
 
-    def masks(self) -> np.ndarray:
-        """Test masks (N, crop, crop) bool."""
-        return self.group["test/masks"][:]
+    def masks(self, rows: slice = slice(None)) -> np.ndarray:
+        """Test masks (N, crop, crop) bool, of the images ``rows`` only if given."""
+        return self.group["test/masks"][rows]

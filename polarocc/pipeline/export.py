@@ -23,7 +23,7 @@ from polarocc.pipeline.train import load_model
 def build_artefact(projector: Projector, center: torch.Tensor, store: FeatureStore, params: Params,
                    train: dict[str, Any], provenance: dict[str, Any], device: str = "cpu") -> ModelArtefact:
     """A model file's content: the threshold is a quantile of the store's normal training scores."""
-    [(normal, _)] = score_store(store, [(projector, center)], params.score, device, split="train", keep_maps=False)
+    [normal] = score_store(store, [(projector, center)], params.score, device, split="train")
     projector.to("cpu")
     attrs = store.attrs
     return ModelArtefact(

@@ -10,7 +10,7 @@ from polarocc.config import BackboneConfig, Params, check_backbone_known, check_
 from polarocc.data.images import Geometry
 from polarocc.errors import ConfigError
 from polarocc.features import store as fs
-from polarocc.features.distributed import WorkerSpec, extract_category_distributed, make_client
+from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
 from polarocc.features.extract import CategoryExtractor, extract_category, pick_device, read_category
 from polarocc.models.backbone import FeatureSpec, build_extractor
 from polarocc.pipeline import paths
@@ -60,15 +60,9 @@ def _extract_on_cluster(params: Params, dataset: str, samples: dict, layout: fs.
     b, e = params.backbone, params.extract
     spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, tuple(backbone["mean"]), tuple(backbone["std"]),
                       b.resize, b.crop, e.batch_size, e.dtype, device, e.threads_per_worker)
-    client = make_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda")
-    try:
+    with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
         return {cat: extract_category_distributed(client, spec, samples[cat], layout, backbone,
                                                   paths.feature_store(params, dataset, cat),
                                                   paths.partial_store(params, dataset, cat), progress)
                 for cat in tqdm(params.datasets[dataset].categories, desc=f"extract {dataset} on dask",
                                 unit="category", disable=not progress)}
-    finally:
-        cluster = client.cluster
-        client.close()
-        if cluster is not None and e.scheduler == "local":
-            cluster.close()

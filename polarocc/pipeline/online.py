@@ -26,10 +26,10 @@ from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
 from polarocc.pipeline.export import build_artefact
-from polarocc.pipeline.score import category_metrics, score_store
+from polarocc.pipeline.score import category_metrics, pixel_accumulators, score_store
 from polarocc.pipeline.train import fit_store
 from polarocc.reports.plots import learning_curve_plot
-from polarocc.scoring.metrics import image_auroc, pixel_auroc
+from polarocc.scoring.metrics import image_auroc
 
 
 def online_config(params: Params) -> TrainConfig:
@@ -51,16 +51,17 @@ class LearningCurve:
         self.store, self.center, self.cfg, self.device = store, center, cfg, device
         self.marks = set(marks)
         self.labels = np.array([s.label for s in store.samples("test")])
-        self.masks = store.masks()
         self.points: dict[int, dict[str, float]] = {}
-        self.final: tuple[np.ndarray, np.ndarray] | None = None
+        self.final: tuple[np.ndarray, dict] | None = None
 
-    def evaluate(self, projector: Projector) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-        """Test image and pixel ROC AUC of a copy of ``projector``, and its (image scores, maps)."""
+    def evaluate(self, projector: Projector) -> tuple[dict[str, float], tuple[np.ndarray, dict]]:
+        """Test image and pixel ROC AUC of a copy of ``projector``, and its (image scores, pixel metrics)."""
         frozen = copy.deepcopy(projector).requires_grad_(False)
-        [(scores, maps)] = score_store(self.store, [(frozen, self.center)], self.cfg, self.device)
-        metrics = {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel_auroc(self.masks, maps)}
-        return metrics, (scores, maps)
+        [pixel] = pixel_accumulators(self.store, 1, self.cfg)
+        [scores] = score_store(self.store, [(frozen, self.center)], self.cfg, self.device, pixel=[pixel])
+        pixel_metrics = pixel.result()
+        metrics = {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel_metrics["pixel_auroc"]}
+        return metrics, (scores, pixel_metrics)
 
     def __call__(self, distribution: str, seen: int, projector: Projector) -> None:
         if seen in self.marks:
@@ -78,9 +79,9 @@ def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tu
     curve = LearningCurve(store, center, params.score, checkpoints(n_train), device)
     [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
                                                online_config(params), curve).values()
-    scores, maps = curve.final
+    scores, pixel_metrics = curve.final
     metrics = {
-        **category_metrics(store, scores, maps, curve.masks), "protocol": "C", "n_train": n_train,
+        **category_metrics(store, scores, pixel_metrics), "protocol": "C", "n_train": n_train,
         "curve": [{"seen": seen, **curve.points[seen]} for seen in sorted(curve.points)],
         "trainer": history.trainer, "steps": history.steps,
     }

@@ -17,9 +17,8 @@ from polarocc.models.projector import Projector
 from polarocc.peers.padim import PaDiM
 from polarocc.peers.patchcore import PatchCore
 from polarocc.pipeline import paths, protocol_a
-from polarocc.pipeline.score import category_metrics
+from polarocc.pipeline.score import category_metrics, pixel_accumulators
 from polarocc.scoring.maps import finish_maps, project
-from polarocc.scoring.metrics import connected_regions
 
 
 class UntrainedProjector:
@@ -58,14 +57,14 @@ def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
     s = params.score
     peer = fit_peer(method, params, (f for _, f in store.batches("train")), store.channels,
                     store.feature_mean() if params.center.distribution == "feature_mean" else None, False)
-    maps, scores = [], []
-    for _, features in store.batches("test"):
+    [pixel] = pixel_accumulators(store, 1, s)
+    scores = []
+    for indices, features in store.batches("test"):
         batch_maps, batch_scores = finish_maps(peer.distance_maps(torch.from_numpy(features)), crop, s.sigma,
                                                s.reduction, s.topk)
-        maps.append(batch_maps.float().numpy())
+        pixel.add(batch_maps.float().numpy(), store.masks(slice(int(indices[0]), int(indices[-1]) + 1)))
         scores.append(batch_scores.double().numpy())
-    masks = store.masks()
-    return category_metrics(store, np.concatenate(scores), np.concatenate(maps), masks, connected_regions(masks))
+    return category_metrics(store, np.concatenate(scores), pixel.result())
 
 
 def peer_classes(params: Params, dataset: str, method: str) -> dict[str, dict]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from polarocc.analysis.polar import ANOMALOUS, NORMAL, PolarAccumulator
 from polarocc.config import (
@@ -30,11 +29,12 @@ from polarocc.data.classification import (
     read_image_folder,
     read_mvtec_image_level,
 )
-from polarocc.data.images import Geometry
+from polarocc.data.images import Geometry, resize_crop
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.errors import DataError
 from polarocc.features import store as fs
+from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
 from polarocc.features.extract import CategoryExtractor, extract_category, pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.models.backbone import build_pooled_extractor
@@ -109,15 +109,20 @@ def _samples(split: ClassSplit, classes: tuple[str, ...], split_name: str) -> li
     return [Sample(Path(f"{split_name}/{i}"), int(y), classes[int(y)]) for i, y in enumerate(split.labels)]
 
 
+def _raw_images(data: ClassificationSplits):
+    """The in-memory images of samples named ``<split>/<index>`` by :func:`_samples`, as stored."""
+    def raw(samples: list[Sample]) -> np.ndarray:
+        return np.stack([getattr(data, s.path.parent.name).images[int(s.path.name)] for s in samples])
+
+    return raw
+
+
 def _array_loader(data: ClassificationSplits, geometry: Geometry):
-    """Loader of in-memory images, named ``<split>/<index>`` by :func:`_samples`."""
+    """Loader of in-memory images, resized and cropped."""
+    raw = _raw_images(data)
+
     def load(samples: list[Sample]) -> np.ndarray:
-        out = []
-        for s in samples:
-            image = getattr(data, s.path.parent.name).images[int(s.path.name)]
-            img = Image.fromarray(image).resize((geometry.resize,) * 2, Image.Resampling.BILINEAR)
-            out.append(np.asarray(img.crop(geometry.box())))
-        return np.stack(out)
+        return np.stack([resize_crop(image, geometry) for image in raw(samples)])
 
     return load
 
@@ -143,13 +148,21 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
     spec = extractor.spec(a.crop)
     layout = fs.StoreLayout(spec.channels, 1, 1, a.crop, "float32", max(e.shard_images, 64), e.compressor, e.level,
                             image_level=True)
-    runner = CategoryExtractor(extractor, geometry, e.batch_size, "float32", pick_device(e.device),
-                               loader=None if isinstance(data.train.images, list) else _array_loader(data, geometry))
+    in_memory = not isinstance(data.train.images, list)
+    device = pick_device(e.device)
     backbone = {"name": b.name, "weights": b.weights, "pooled": True, "mean": list(spec.mean),
                 "std": list(spec.std), "classes": list(data.classes), "dataset_format": ds.format,
                 "data_digest": _digest(data)}
-    return extract_category(runner, samples, layout, backbone, paths.feature_store(params, dataset, STORE_NAME),
-                            paths.partial_store(params, dataset, STORE_NAME), progress)
+    final, partial = paths.feature_store(params, dataset, STORE_NAME), paths.partial_store(params, dataset, STORE_NAME)
+    if e.scheduler != "inprocess":
+        worker = WorkerSpec(b.name, (), 0, b.weights, tuple(spec.mean), tuple(spec.std), a.resize, a.crop,
+                            e.batch_size, "float32", device, e.threads_per_worker, pooled=True)
+        with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
+            return extract_category_distributed(client, worker, samples, layout, backbone, final, partial, progress,
+                                                _raw_images(data) if in_memory else None)
+    runner = CategoryExtractor(extractor, geometry, e.batch_size, "float32", device,
+                               loader=_array_loader(data, geometry) if in_memory else None)
+    return extract_category(runner, samples, layout, backbone, final, partial, progress)
 
 
 def load_split(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

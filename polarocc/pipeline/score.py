@@ -17,47 +17,60 @@ from polarocc.models.projector import Projector
 from polarocc.pipeline import paths, protocol_a
 from polarocc.pipeline.train import load_model
 from polarocc.scoring.maps import finish_maps, project
-from polarocc.scoring.metrics import aupro, connected_regions, f1_max, image_auroc, pixel_auroc
+from polarocc.scoring.metrics import f1_max, image_auroc
+from polarocc.scoring.pixel_metrics import PixelMetrics, pixel_metrics_for
 
 
 def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
-                device: str = "cpu", split: str = "test", keep_maps: bool = True,
-                polar: list[PolarAccumulator] | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Per model, (image scores (N,), anomaly maps (N, crop, crop) float32 or None) of a store's split.
+                device: str = "cpu", split: str = "test", pixel: list[PixelMetrics] | None = None,
+                polar: list[PolarAccumulator] | None = None) -> list[np.ndarray]:
+    """Per model, the image scores (N,) of a store's split.
 
-    The features are read once, one shard at a time, and shared by every model. With ``polar`` (one
-    accumulator per model, test split), the projected features also feed the polar diagnostics.
+    The features are read once, one shard at a time, and shared by every model; no map outlives its
+    shard. With ``pixel`` (one accumulator per model, test split) the maps and their masks feed the
+    pixel metrics; with ``polar`` (likewise) the projected features feed the polar diagnostics.
     """
     models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
     crop = int(store.attrs["geometry"]["crop"])
     scores: list[list[np.ndarray]] = [[] for _ in models]
-    maps: list[list[np.ndarray]] = [[] for _ in models]
-    labels = None if polar is None else store_position_labels(store)
     for indices, features in store.batches(split):
+        rows = slice(int(indices[0]), int(indices[-1]) + 1)
+        masks = None if pixel is None else store.masks(rows)
+        labels = None if polar is None else store_position_labels(store, rows)
         batch = torch.from_numpy(features).to(device)
         for i, (projector, center) in enumerate(models):
             z, distances = project(projector, center, batch, cfg.squared)
             batch_maps, batch_scores = finish_maps(distances, crop, cfg.sigma, cfg.reduction, cfg.topk)
             if labels is not None:
-                polar[i].add(z, labels[indices])
-            if keep_maps:
-                maps[i].append(batch_maps.float().cpu().numpy())
+                polar[i].add(z, labels)
+            if masks is not None:
+                pixel[i].add(batch_maps.float().cpu().numpy(), masks)
             scores[i].append(batch_scores.double().cpu().numpy())
-    return [(np.concatenate(s), np.concatenate(m) if keep_maps else None) for s, m in zip(scores, maps, strict=True)]
+    return [np.concatenate(s) for s in scores]
 
 
-def category_metrics(store: FeatureStore, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-                     regions: np.ndarray | None = None) -> dict:
-    """Image and pixel ROC AUC, AUPRO (FPR <= 0.3) and F1-max of one category, with its image scores."""
+def pixel_accumulators(store: FeatureStore, models: int, cfg: ScoreConfig) -> list[PixelMetrics]:
+    """One pixel-metric accumulator per model for a store's test split, exact while it fits
+    ``score.metrics_memory_mb`` (see :func:`pixel_metrics_for`)."""
+    n_test = store.features("test").shape[0]
+    crop = int(store.attrs["geometry"]["crop"])
+    return pixel_metrics_for(n_test * crop * crop, models, cfg.metrics_memory_mb)
+
+
+def category_metrics(store: FeatureStore, scores: np.ndarray, pixel: dict) -> dict:
+    """Image ROC AUC and F1-max of one category with its image scores, beside the ``pixel`` metrics
+    (pixel ROC AUC, AUPRO at FPR <= 0.3, pixel F1-max) of a :class:`PixelMetrics` accumulator."""
     samples = store.samples("test")
     labels = np.array([s.label for s in samples])
     return {
         "protocol": "B",
         "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps, regions=regions),
+        "pixel_auroc": pixel["pixel_auroc"],
+        "aupro": pixel["aupro"],
         "image_f1_max": f1_max(labels, scores),
-        "pixel_f1_max": f1_max(masks, maps),
+        "pixel_f1_max": pixel["pixel_f1_max"],
+        "pixel_metrics": pixel["pixel_metrics"],
+        **({"pixel_auroc_tie_bound": pixel["pixel_auroc_tie_bound"]} if "pixel_auroc_tie_bound" in pixel else {}),
         "n_test": len(samples),
         "n_anomalous": int(labels.sum()),
         "scores": [round(float(s), 6) for s in scores],
@@ -82,12 +95,12 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
                 raise RuntimeError(f"model {distribution}/{dataset}/{category} at norm {norm:g} was trained on "
                                    "other features; rerun the train stage")
             models.append((projector, center))
-        masks = store.masks()
-        regions = connected_regions(masks)
         polar = [PolarAccumulator(center) for _, center in models]
-        outputs = score_store(store, models, params.score, device, polar=polar)
-        for distribution, (scores, maps), diagnostics in zip(params.sweep.distributions, outputs, polar, strict=True):
-            metrics = category_metrics(store, scores, maps, masks, regions)
+        pixel = pixel_accumulators(store, len(models), params.score)
+        outputs = score_store(store, models, params.score, device, pixel=pixel, polar=polar)
+        for distribution, scores, pixel_metrics, diagnostics in zip(params.sweep.distributions, outputs, pixel, polar,
+                                                                     strict=True):
+            metrics = category_metrics(store, scores, pixel_metrics.result())
             results.setdefault(distribution, {}).setdefault(dataset, {})[category] = {
                 **metrics, "polar": diagnostics.summary()}
     for distribution, per_dataset in protocol_a.score_all(params, norm, load_model).items():

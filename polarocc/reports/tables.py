@@ -30,8 +30,9 @@ def _row(params: Params, protocol: str, dataset: str, category: str, distributio
     return {
         "method": method, "protocol": protocol, "dataset": dataset, "category": category,
         "distribution": distribution, "norm": None if norm is None else float(norm),
-        **{k: m.get(k) for k in METRICS}, "n_test": m["n_test"], "n_anomalous": m["n_anomalous"],
-        "backbone": params.backbone.name, "layers": "-".join(map(str, params.backbone.layers)),
+        **{k: m.get(k) for k in METRICS}, "pixel_metrics": m.get("pixel_metrics"), "n_test": m["n_test"],
+        "n_anomalous": m["n_anomalous"], "backbone": params.backbone.name,
+        "layers": "-".join(map(str, params.backbone.layers)),
         "projector": params.projector.kind, "bias": params.projector.bias,
         **_training(params, protocol), "lr": params.train.lr,
         "weight_decay": params.train.weight_decay, "sigma": float(params.score.sigma),
@@ -77,13 +78,15 @@ def results_table(params: Params) -> pl.DataFrame:
             for dataset, categories in peers[method].items():
                 for category, m in categories.items():
                     rows.append(_row(params, m["protocol"], dataset, category, *center, m, method))
-    schema = {k: pl.Float64 for k in METRICS} | {"distribution": pl.String, "norm": pl.Float64}
+    schema = {k: pl.Float64 for k in METRICS} | {"distribution": pl.String, "norm": pl.Float64,
+                                                  "pixel_metrics": pl.String}
     return pl.DataFrame(rows, schema_overrides=schema).sort(KEYS, nulls_last=True)
 
 
 def read_results(path: Path) -> pl.DataFrame:
     """Read reports/results.csv back (category names such as digit classes stay strings)."""
-    return pl.read_csv(path, schema_overrides={"category": pl.String, **{k: pl.Float64 for k in METRICS}})
+    return pl.read_csv(path, schema_overrides={"category": pl.String, "pixel_metrics": pl.String,
+                                               **{k: pl.Float64 for k in METRICS}})
 
 
 def sweep_means(table: pl.DataFrame) -> pl.DataFrame:

@@ -1,0 +1,140 @@
+"""Pixel metrics (ROC AUC, AUPRO, F1-max) fed one batch of anomaly maps at a time.
+
+Two accumulators share one interface. :class:`ExactPixelMetrics` keeps every map and mask and calls the
+exact functions of :mod:`polarocc.scoring.metrics`; its memory grows with the test set.
+:class:`BinnedPixelMetrics` keeps three fixed-size histograms over an order-preserving 20-bit key of the
+float32 score (sign, exponent and 11 mantissa bits: bins 2^-11 of the value wide), so its memory does
+not grow with the test set. Pixels of different bins are ordered exactly; only pixels that share a
+bin are treated as tied, and the AUROC it reports carries the largest error those ties can cause.
+:func:`pixel_metrics_for` picks the exact one while its arrays fit the memory budget.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from polarocc.errors import DataError
+from polarocc.scoring.metrics import _area_up_to, aupro, connected_regions, f1_max, pixel_auroc
+
+KEY_BITS = 20
+EXACT_BYTES_PER_PIXEL = 4 + 1 + 8  # float32 map, bool mask, int64 region id
+
+
+class PixelMetrics(Protocol):
+    """What the score stages feed maps to and read pixel metrics from."""
+
+    def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        """Add (B, H, W) anomaly maps with their (B, H, W) defect masks."""
+
+    def result(self) -> dict[str, float | str]:
+        """``pixel_auroc``, ``aupro`` (FPR <= 0.3), ``pixel_f1_max`` and how they were computed."""
+
+
+def _check_batch(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    maps = np.asarray(maps, dtype=np.float32)
+    masks = np.asarray(masks, dtype=bool)
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be (batch, height, width)")
+    if not np.isfinite(maps).all():
+        raise FloatingPointError("anomaly maps contain NaN or Inf")
+    return maps, masks
+
+
+class ExactPixelMetrics:
+    """Keeps every map, mask and defect region; exact metrics (memory: 13 bytes per test pixel)."""
+
+    def __init__(self, fpr_limit: float = 0.3) -> None:
+        self.fpr_limit = fpr_limit
+        self.maps: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.regions: list[np.ndarray] = []
+        self.region_count = 0
+
+    def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        maps, masks = _check_batch(maps, masks)
+        regions = connected_regions(masks)
+        self.regions.append(np.where(regions > 0, regions + self.region_count, 0))
+        self.region_count += int(regions.max(initial=0))
+        self.maps.append(maps)
+        self.masks.append(masks)
+
+    def result(self) -> dict[str, float | str]:
+        if not self.maps:
+            raise DataError("no anomaly maps were added")
+        maps, masks = np.concatenate(self.maps), np.concatenate(self.masks)
+        return {
+            "pixel_auroc": pixel_auroc(masks, maps),
+            "aupro": aupro(masks, maps, self.fpr_limit, regions=np.concatenate(self.regions)),
+            "pixel_f1_max": f1_max(masks, maps),
+            "pixel_metrics": "exact",
+        }
+
+
+def order_key(values: np.ndarray, bits: int = KEY_BITS) -> np.ndarray:
+    """The top ``bits`` bits of an unsigned integer that orders float32 ``values`` like the floats."""
+    raw = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    negative = (raw >> 31).astype(bool)
+    ordered = np.where(negative, ~raw, raw | np.uint32(0x80000000))
+    return (ordered >> np.uint32(32 - bits)).astype(np.int64)
+
+
+class BinnedPixelMetrics:
+    """Histograms of defect and defect-free pixels over :func:`order_key` bins (memory: 24 MiB at 20 bits).
+
+    AUPRO needs no per-region state: a pixel of a region of size ``|r|`` adds ``1 / |r|`` to its bin's
+    overlap mass, so the mean per-region overlap above a threshold is that mass summed above it over the
+    number of regions. Regions are connected components within one image, so each batch labels its own.
+    """
+
+    def __init__(self, fpr_limit: float = 0.3, bits: int = KEY_BITS) -> None:
+        self.fpr_limit, self.bits = fpr_limit, bits
+        size = 1 << bits
+        self.normal = np.zeros(size, dtype=np.int64)
+        self.defect = np.zeros(size, dtype=np.int64)
+        self.overlap = np.zeros(size, dtype=np.float64)
+        self.region_count = 0
+
+    def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        maps, masks = _check_batch(maps, masks)
+        keys = order_key(maps, self.bits)
+        size = self.normal.size
+        self.normal += np.bincount(keys[~masks], minlength=size)
+        self.defect += np.bincount(keys[masks], minlength=size)
+        regions = connected_regions(masks)
+        if regions.max(initial=0):
+            region_sizes = np.bincount(regions.ravel()).astype(np.float64)
+            inside = regions > 0
+            self.overlap += np.bincount(keys[inside], weights=1.0 / region_sizes[regions[inside]], minlength=size)
+            self.region_count += region_sizes.size - 1
+
+    def result(self) -> dict[str, float | str]:
+        n_normal, n_defect = int(self.normal.sum()), int(self.defect.sum())
+        if not n_normal or not n_defect:
+            raise DataError("pixel metrics need both normal and defective pixels in the test masks")
+        # Bins from the highest score down: predicting "anomalous" at or above each bin's lower edge.
+        normal, defect, overlap = self.normal[::-1], self.defect[::-1], self.overlap[::-1]
+        defect_above = np.cumsum(defect) - defect
+        pairs = float(n_normal) * n_defect
+        auroc = float((normal * (defect_above + 0.5 * defect)).sum() / pairs)
+        tie_bound = float(0.5 * (normal * defect.astype(np.float64)).sum() / pairs)
+        true_pos = np.cumsum(defect)
+        predicted = true_pos + np.cumsum(normal)
+        f1 = float((2 * true_pos / (predicted + n_defect)).max())
+        fpr = np.r_[0.0, np.cumsum(normal) / n_normal]
+        pro = np.r_[0.0, np.cumsum(overlap) / self.region_count]
+        return {
+            "pixel_auroc": auroc,
+            "aupro": _area_up_to(fpr, pro, self.fpr_limit) / self.fpr_limit,
+            "pixel_f1_max": f1,
+            "pixel_metrics": f"binned ({self.bits}-bit score keys)",
+            "pixel_auroc_tie_bound": tie_bound,
+        }
+
+
+def pixel_metrics_for(test_pixels: int, models: int, memory_mb: float) -> list[PixelMetrics]:
+    """One accumulator per model: exact while every model's arrays fit ``memory_mb``, else binned."""
+    if test_pixels * models * EXACT_BYTES_PER_PIXEL <= memory_mb * 2 ** 20:
+        return [ExactPixelMetrics() for _ in range(models)]
+    return [BinnedPixelMetrics() for _ in range(models)]
