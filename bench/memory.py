@@ -109,12 +109,13 @@ def to_markdown(result: dict) -> str:
     lines = ["# Memory against image count", "", f"Machine: {result['machine']}. Features {CHANNELS} x {SIDE} x "
              f"{SIDE} float16 per image (Wide-ResNet50 layers 1-3 at 224 px), Gram statistics in float64; "
              "training reads Gram matrices from disk above `train.stats_memory_mb` (64 MB here).", "",
+             "Each cell: peak RSS, wall time and throughput (images of the split the task reads per second).", "",
              "| allocator | images | stored bytes per image | compression | "
-             + " | ".join(f"{t} peak RSS" for t in TASKS) + " |", "|---|---|---|---|" + "---|" * len(TASKS)]
+             + " | ".join(f"{t}" for t in TASKS) + " |", "|---|---|---|---|" + "---|" * len(TASKS)]
     for allocator in ALLOCATORS:
         for row in result["scales"]:
-            cells = [f"{row[allocator][t]['peak_rss_bytes'] / 2 ** 20:.0f} MiB ({row[allocator][t]['seconds']} s)"
-                     for t in TASKS]
+            cells = [f"{m['peak_rss_bytes'] / 2 ** 20:.0f} MiB, {m['seconds']} s "
+                     f"({row['images'] / m['seconds']:.1f} img/s)" for m in (row[allocator][t] for t in TASKS)]
             lines.append(f"| {allocator} | {row['images']} | {row['stored_bytes_per_image'] / 1e6:.1f} MB | "
                          f"{row['feature_compression']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", result["note"]]
@@ -125,10 +126,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=int, default=4)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the last .json")
     parser.add_argument("--child", nargs=2, metavar=("TASK", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.markdown_only:  # re-render the table from the last results
+        (ROOT / "reports" / "bench_memory.md").write_text(
+            to_markdown(json.loads((ROOT / "reports" / "bench_memory.json").read_text())))
         return
     import platform
 
