@@ -93,23 +93,37 @@ def test_sigkill_mid_extraction_then_rerun_gives_the_uninterrupted_store(extract
                            paths.feature_store(params_killed, "mine", category))
 
 
+def _fashion_mnist_tree(root: Path, train: int = 100, test: int = 40) -> Path:
+    """A small Fashion-MNIST tree (idx files) of random images: an in-memory Protocol A dataset."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            (root / f"{prefix}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
+    return root
+
+
 def test_protocol_a_on_a_two_worker_cluster_equals_in_process(params_dict: dict, tmp_path: Path) -> None:
-    # Digits live in memory: each task carries its shard's images to the worker instead of file paths.
+    # Fashion-MNIST lives in memory: each task carries its shard's images to the worker instead of file paths.
     from polarocc.config import parse_params
     from polarocc.pipeline.protocol_a import STORE_NAME, run_extract_a
 
+    dataset = {"format": "fashion_mnist", "path": str(_fashion_mnist_tree(tmp_path / "fm")), "classes": "all"}
     stores = {}
     for scheduler in ("inprocess", "local"):
-        raw = {**params_dict, "extract": {**params_dict["extract"], "scheduler": scheduler, "workers": 2,
-                                          "threads_per_worker": torch.get_num_threads()}}
+        raw = {**params_dict, "protocol_a": {**params_dict["protocol_a"], "datasets": {"fm": dataset}},
+               "extract": {**params_dict["extract"], "scheduler": scheduler, "workers": 2,
+                           "threads_per_worker": torch.get_num_threads()}}
         params = parse_params(raw, tmp_path / scheduler)
-        computed = run_extract_a(params, "digits", progress=False)
-        assert computed == {"train": 15, "test": 15}  # 1797 digits, split in halves, in shards of 64
-        stores[scheduler] = paths.feature_store(params, "digits", STORE_NAME)
+        computed = run_extract_a(params, "fm", progress=False)
+        assert computed == {"train": 2, "test": 1}  # 100 and 40 images in shards of 64
+        stores[scheduler] = paths.feature_store(params, "fm", STORE_NAME)
     a, b = (zarr.open_group(stores[s], mode="r") for s in ("inprocess", "local"))
     assert a.attrs["fingerprint"] == b.attrs["fingerprint"] and b.attrs["complete"]
     for name in ("train/features", "test/features"):
         assert np.array_equal(a[name][:], b[name][:]), name
+        assert np.isfinite(a[name][:]).all() and a[name][:].std() > 0
 
 
 _CONCURRENCY = {"running": 0, "peak": 0}
