@@ -36,6 +36,9 @@ def test_default_params_are_valid(default_params: dict) -> None:
         ("backbone", "crop", 512, "backbone.crop"),
         ("projector", "kind", "mlp", "projector.kind"),
         ("extract", "dtype", "int8", "extract.dtype"),
+        ("score", "metrics_memory_mb", -1, "score.metrics_memory_mb"),
+        ("score", "metrics_memory_mb", 1.5, "score.metrics_memory_mb"),
+        ("train", "stats_memory_mb", 0, "train.stats_memory_mb"),
     ],
 )
 def test_bad_value_names_key(default_params: dict, section: str, key: str, value: object, message: str) -> None:

@@ -99,9 +99,10 @@ def test_accumulators_reject_bad_input() -> None:
 
 
 def test_pixel_metrics_for_switches_to_binned_above_the_budget() -> None:
-    pixels = 100 * 224 * 224  # 13 bytes each when exact: 62 MiB per model
+    pixels = 100 * 224 * 224  # exact: 9 bytes each kept per model, 64 more while one model is computed
     assert all(isinstance(a, ExactPixelMetrics) for a in pixel_metrics_for(pixels, 2, 2048))
-    assert all(isinstance(a, BinnedPixelMetrics) for a in pixel_metrics_for(pixels, 2, 100))
+    assert all(isinstance(a, ExactPixelMetrics) for a in pixel_metrics_for(pixels, 2, 393))  # 392.4 MiB needed
+    assert all(isinstance(a, BinnedPixelMetrics) for a in pixel_metrics_for(pixels, 2, 392))
     assert isinstance(pixel_metrics_for(1, 1, 0)[0], BinnedPixelMetrics)
 
 
