@@ -85,6 +85,13 @@ def test_binned_result_does_not_depend_on_batching_and_memory_is_fixed() -> None
     assert _feed(BinnedPixelMetrics(), maps, masks, 12) == pytest.approx(first, abs=1e-12)
 
 
+def test_pixel_auroc_alone_equals_the_full_result() -> None:
+    maps, masks = _blobs(2)
+    for accumulator in (ExactPixelMetrics(), BinnedPixelMetrics()):
+        full = _feed(accumulator, maps, masks, 5)
+        assert accumulator.pixel_auroc() == full["pixel_auroc"]
+
+
 def test_accumulators_reject_bad_input() -> None:
     maps, masks = _blobs(1)
     for accumulator in (ExactPixelMetrics(), BinnedPixelMetrics()):

@@ -30,6 +30,7 @@ from polarocc.pipeline.score import category_metrics, pixel_accumulators, score_
 from polarocc.pipeline.train import fit_store
 from polarocc.reports.plots import learning_curve_plot
 from polarocc.scoring.metrics import image_auroc
+from polarocc.scoring.pixel_metrics import PixelMetrics
 
 
 def online_config(params: Params) -> TrainConfig:
@@ -52,16 +53,16 @@ class LearningCurve:
         self.marks = set(marks)
         self.labels = np.array([s.label for s in store.samples("test")])
         self.points: dict[int, dict[str, float]] = {}
-        self.final: tuple[np.ndarray, dict] | None = None
+        self.final: tuple[np.ndarray, PixelMetrics] | None = None
 
-    def evaluate(self, projector: Projector) -> tuple[dict[str, float], tuple[np.ndarray, dict]]:
-        """Test image and pixel ROC AUC of a copy of ``projector``, and its (image scores, pixel metrics)."""
+    def evaluate(self, projector: Projector) -> tuple[dict[str, float], tuple[np.ndarray, PixelMetrics]]:
+        """Test image and pixel ROC AUC of a copy of ``projector``, and its (image scores, pixel accumulator)
+        for the other pixel metrics, computed only when asked for."""
         frozen = copy.deepcopy(projector).requires_grad_(False)
         [pixel] = pixel_accumulators(self.store, 1, self.cfg)
         [scores] = score_store(self.store, [(frozen, self.center)], self.cfg, self.device, pixel=[pixel])
-        pixel_metrics = pixel.result()
-        metrics = {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel_metrics["pixel_auroc"]}
-        return metrics, (scores, pixel_metrics)
+        metrics = {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel.pixel_auroc()}
+        return metrics, (scores, pixel)
 
     def __call__(self, distribution: str, seen: int, projector: Projector) -> None:
         if seen in self.marks:
@@ -79,9 +80,9 @@ def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tu
     curve = LearningCurve(store, center, params.score, checkpoints(n_train), device)
     [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
                                                online_config(params), curve).values()
-    scores, pixel_metrics = curve.final
+    scores, pixel = curve.final
     metrics = {
-        **category_metrics(store, scores, pixel_metrics), "protocol": "C", "n_train": n_train,
+        **category_metrics(store, scores, pixel.result()), "protocol": "C", "n_train": n_train,
         "curve": [{"seen": seen, **curve.points[seen]} for seen in sorted(curve.points)],
         "trainer": history.trainer, "steps": history.steps,
     }

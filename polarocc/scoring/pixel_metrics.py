@@ -29,6 +29,9 @@ class PixelMetrics(Protocol):
     def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
         """Add (B, H, W) anomaly maps with their (B, H, W) defect masks."""
 
+    def pixel_auroc(self) -> float:
+        """Pixel ROC AUC alone (learning curves need no more)."""
+
     def result(self) -> dict[str, float | str]:
         """``pixel_auroc``, ``aupro`` (FPR <= 0.3), ``pixel_f1_max`` and how they were computed."""
 
@@ -61,10 +64,17 @@ class ExactPixelMetrics:
         self.maps.append(maps)
         self.masks.append(masks)
 
-    def result(self) -> dict[str, float | str]:
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.maps:
             raise DataError("no anomaly maps were added")
-        maps, masks = np.concatenate(self.maps), np.concatenate(self.masks)
+        return np.concatenate(self.maps), np.concatenate(self.masks)
+
+    def pixel_auroc(self) -> float:
+        maps, masks = self._arrays()
+        return pixel_auroc(masks, maps)
+
+    def result(self) -> dict[str, float | str]:
+        maps, masks = self._arrays()
         return {
             "pixel_auroc": pixel_auroc(masks, maps),
             "aupro": aupro(masks, maps, self.fpr_limit, regions=np.concatenate(self.regions)),
@@ -110,16 +120,28 @@ class BinnedPixelMetrics:
             self.overlap += np.bincount(keys[inside], weights=1.0 / region_sizes[regions[inside]], minlength=size)
             self.region_count += region_sizes.size - 1
 
-    def result(self) -> dict[str, float | str]:
+    def _counts(self) -> tuple[int, int]:
         n_normal, n_defect = int(self.normal.sum()), int(self.defect.sum())
         if not n_normal or not n_defect:
             raise DataError("pixel metrics need both normal and defective pixels in the test masks")
-        # Bins from the highest score down: predicting "anomalous" at or above each bin's lower edge.
-        normal, defect, overlap = self.normal[::-1], self.defect[::-1], self.overlap[::-1]
+        return n_normal, n_defect
+
+    def _auroc_and_tie_bound(self) -> tuple[float, float]:
+        n_normal, n_defect = self._counts()
+        normal, defect = self.normal[::-1], self.defect[::-1]  # from the highest score down
         defect_above = np.cumsum(defect) - defect
         pairs = float(n_normal) * n_defect
         auroc = float((normal * (defect_above + 0.5 * defect)).sum() / pairs)
-        tie_bound = float(0.5 * (normal * defect.astype(np.float64)).sum() / pairs)
+        return auroc, float(0.5 * (normal * defect.astype(np.float64)).sum() / pairs)
+
+    def pixel_auroc(self) -> float:
+        return self._auroc_and_tie_bound()[0]
+
+    def result(self) -> dict[str, float | str]:
+        n_normal, n_defect = self._counts()
+        auroc, tie_bound = self._auroc_and_tie_bound()
+        # Bins from the highest score down: predicting "anomalous" at or above each bin's lower edge.
+        normal, defect, overlap = self.normal[::-1], self.defect[::-1], self.overlap[::-1]
         true_pos = np.cumsum(defect)
         predicted = true_pos + np.cumsum(normal)
         f1 = float((2 * true_pos / (predicted + n_defect)).max())
