@@ -89,3 +89,24 @@ def test_feasibility_table(params_dict: dict) -> None:
 def test_md_table() -> None:
     text = md_table(pl.DataFrame({"a": ["x", None], "b": [0.123456, float("nan")]}))
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x | 0.1235 |", "| - | - |"]
+
+
+def test_tsne_sample_reads_the_chosen_positions_shard_by_shard(extracted_project) -> None:
+    from polarocc.analysis.polar import store_position_labels
+    from polarocc.config import load_params
+    from polarocc.features.store import FeatureStore
+    from polarocc.pipeline import paths
+    from polarocc.pipeline.analyze import _tsne_sample
+
+    params = load_params(extracted_project / "params.yaml")
+    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    vectors, anomalous = _tsne_sample(store, 40, seed=3)
+    whole = torch.from_numpy(store.features("test")[:].astype(np.float32))  # several shards of 4 images
+    flat = whole.permute(0, 2, 3, 1).reshape(-1, whole.shape[1]).numpy()
+    labels = store_position_labels(store).reshape(-1).numpy()
+    assert vectors.shape == (40, store.channels, 1, 1) and anomalous.sum() == 20
+    # Every sampled vector is a test position of the stated kind, each drawn once.
+    rows = [int(np.flatnonzero((flat == v).all(1))[0]) for v in vectors[:, :, 0, 0].numpy()]
+    assert len(set(rows)) == 40 and rows == sorted(rows)
+    assert (np.where(labels[rows] == ANOMALOUS, 1, 0) == anomalous).all()
+    assert set(labels[rows]) <= {NORMAL, ANOMALOUS}

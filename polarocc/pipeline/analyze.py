@@ -87,18 +87,23 @@ def budget_classes(params: Params, dataset: str, bias: bool) -> dict[str, list[d
 
 
 def _tsne_sample(store: FeatureStore, count: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """A fixed sample of normal and anomalous test feature positions (half each where possible)."""
-    labels = store_position_labels(store)
-    features = torch.from_numpy(np.asarray(store.features("test")[:], dtype=np.float32))
-    flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-    flat_labels = labels.reshape(-1).numpy()
+    """A fixed sample of normal and anomalous test feature positions (half each where possible), read one
+    shard at a time so only the sampled vectors are held."""
+    flat_labels = store_position_labels(store).reshape(-1).numpy()
     rng = np.random.default_rng(seed)
     chosen = []
     for kind in (NORMAL, ANOMALOUS):
         where = np.flatnonzero(flat_labels == kind)
         chosen.append(rng.choice(where, min(len(where), count // 2), replace=False))
     index = np.sort(np.concatenate(chosen))
-    return flat[index][:, :, None, None], (flat_labels[index] == ANOMALOUS).astype(int)
+    vectors = []
+    for indices, features in store.batches("test"):
+        batch = torch.from_numpy(np.asarray(features, dtype=np.float32))
+        flat = batch.permute(0, 2, 3, 1).reshape(-1, batch.shape[1])
+        first = int(indices[0]) * store.pixels_per_image
+        inside = index[(index >= first) & (index < first + len(flat))]
+        vectors.append(flat[inside - first])
+    return torch.cat(vectors)[:, :, None, None], (flat_labels[index] == ANOMALOUS).astype(int)
 
 
 def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
