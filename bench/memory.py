@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.reporting import REPORTS, write_results  # noqa: E402
 from polarocc.config import PeersConfig, ScoreConfig, TrainConfig, parse_params  # noqa: E402
 from polarocc.data.images import Geometry  # noqa: E402
 from polarocc.data.samples import Sample  # noqa: E402
@@ -133,8 +134,7 @@ def main() -> None:
         child(*args.child)
         return
     if args.markdown_only:  # re-render the table from the last results
-        (ROOT / "reports" / "bench_memory.md").write_text(
-            to_markdown(json.loads((ROOT / "reports" / "bench_memory.json").read_text())))
+        write_results("bench_memory", json.loads((REPORTS / "bench_memory.json").read_text()), to_markdown)
         return
     import platform
 
@@ -167,10 +167,7 @@ def main() -> None:
                     row.setdefault(allocator, {})[task] = json.loads(out.strip().splitlines()[-1])
                     print(f"  {allocator} {task}: {row[allocator][task]}", flush=True)
             result["scales"].append(row)
-    reports = ROOT / "reports"
-    (reports / "bench_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (reports / "bench_memory.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results("bench_memory", result, to_markdown)
 
 
 if __name__ == "__main__":

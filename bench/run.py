@@ -28,6 +28,7 @@ import zarr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.reporting import write_results  # noqa: E402
 from polarocc.config import TrainConfig, load_params  # noqa: E402
 from polarocc.data.images import Geometry  # noqa: E402
 from polarocc.features import store as fs  # noqa: E402
@@ -299,10 +300,7 @@ def main() -> None:
     for name in chosen:
         print(f"{name} ...", flush=True)
         result[name] = runs[name]()
-    out = ROOT / "reports"
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results("bench", result, to_markdown)
 
 
 if __name__ == "__main__":
