@@ -193,7 +193,7 @@ def bench_cluster(params, category: str = "brick", workers: int = 2) -> dict:
         inprocess = time.perf_counter() - start
         threads = max(1, (os.cpu_count() or 1) // workers)
         worker_spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, spec.mean, spec.std, b.resize, b.crop,
-                                 e.batch_size, e.dtype, "cpu", threads)
+                                 e.batch_size, e.dtype, "cpu")
         start = time.perf_counter()
         client = make_client("local", workers, threads)
         from polarocc.features.distributed import worker_runner

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from polarocc.errors import ConfigError, PolaroccError
+from polarocc.errors import ConfigError, MissingOutputError, PolaroccError
 
 app = typer.Typer(help="Data-agnostic one-class anomaly detection with a random hypersphere center.",
                   no_args_is_help=True, add_completion=False)
@@ -15,22 +17,35 @@ app = typer.Typer(help="Data-agnostic one-class anomaly detection with a random 
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml of the pipeline")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2) from exc
 
 
+def _user_errors(command: F) -> F:
+    """Run a command; an error the user can cause (a PolaroccError) prints its one line and exits 2."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PolaroccError as exc:
+            _fail(exc)
+
+    return run  # type: ignore[return-value]
+
+
 @app.command()
+@_user_errors
 def validate(params: Path = PARAMS) -> None:
     """Check params.yaml, the backbone name and every dataset path without computing anything."""
-    from polarocc.config import check_backbone_known, check_datasets_exist, load_params
+    from polarocc.config import load_params
+    from polarocc.pipeline.validate import validate_environment
 
-    try:
-        p = load_params(params)
-        check_backbone_known(p)
-        check_datasets_exist(p)
-    except PolaroccError as exc:
-        _fail(exc)
+    p = load_params(params)
+    validate_environment(p)
     variants = len(p.variants())
     categories = sum(len(d.categories) for d in p.datasets.values())
     typer.echo(f"ok: {len(p.datasets)} dataset(s), {categories} categories, {variants} center variants "
@@ -38,6 +53,7 @@ def validate(params: Path = PARAMS) -> None:
 
 
 @app.command()
+@_user_errors
 def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help="only this dataset"),
             per_category: bool = typer.Option(False, "--per-category", help="one row per category")) -> None:
     """Print the results of the last `dvc repro` (reports/results.csv) as a table."""
@@ -47,13 +63,10 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
     from polarocc.pipeline import paths
     from polarocc.reports.tables import read_results, sweep_means
 
-    try:
-        p = load_params(params)
-    except PolaroccError as exc:
-        _fail(exc)
+    p = load_params(params)
     csv = paths.reports(p) / "results.csv"
     if not csv.is_file():
-        _fail(FileNotFoundError(f"{csv} does not exist yet: run `dvc repro` first"))
+        raise MissingOutputError(f"{csv} does not exist yet: run `dvc repro` first")
     table = read_results(csv)
     if dataset:
         table = table.filter(pl.col("dataset") == dataset)
@@ -65,6 +78,7 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
 
 
 @app.command("convert-visa")
+@_user_errors
 def convert_visa_command(
     root: Annotated[Path, typer.Argument(help="the original VisA folder (holding split_csv/1cls.csv)")],
     out: Annotated[Path, typer.Argument(help="where to write the MVTec-layout copy")],
@@ -73,15 +87,13 @@ def convert_visa_command(
     """Convert VisA to MVTec AD layout (masks binarised); then set datasets.<name>.path to OUT."""
     from polarocc.data.visa import convert_visa
 
-    try:
-        counts = convert_visa(root, out, category or None)
-    except PolaroccError as exc:
-        _fail(exc)
+    counts = convert_visa(root, out, category or None)
     for obj, folders in counts.items():
         typer.echo(f"{obj}: " + ", ".join(f"{folder} {n}" for folder, n in folders.items()))
 
 
 @app.command()
+@_user_errors
 def export(
     category: Annotated[str, typer.Argument(help="category (Protocol B) to export")],
     out: Annotated[Path, typer.Argument(help="model file to write (.pt)")],
@@ -94,37 +106,35 @@ def export(
     from polarocc.config import load_params
     from polarocc.pipeline.export import export_variant
 
-    try:
-        p = load_params(params)
-        if dataset is None:
-            if len(p.datasets) != 1:
-                raise ConfigError(f"several datasets are declared ({', '.join(p.datasets)}); pass --dataset")
-            dataset = next(iter(p.datasets))
-        path = export_variant(p, p.center.norm if norm is None else norm, distribution or p.center.distribution,
-                              dataset, category, out)
-    except (PolaroccError, FileNotFoundError) as exc:
-        _fail(exc)
+    p = load_params(params)
+    if dataset is None:
+        if len(p.datasets) != 1:
+            raise ConfigError(f"several datasets are declared ({', '.join(p.datasets)}); pass --dataset")
+        dataset = next(iter(p.datasets))
+    path = export_variant(p, p.center.norm if norm is None else norm, distribution or p.center.distribution,
+                          dataset, category, out)
     typer.echo(f"wrote {path}")
 
 
 def _device(requested: str) -> str:
-    from polarocc.features.extract import pick_device
+    from polarocc.device import pick_device
 
-    try:
-        return pick_device(requested)
-    except RuntimeError as exc:
-        _fail(exc)
+    return pick_device(requested, "--device")
 
 
 @app.command()
+@_user_errors
 def predict(
     model: Annotated[Path, typer.Argument(help="saved model (models/deploy/..., models/online/... or export)")],
     inputs: Annotated[list[str] | None, typer.Argument(help="image files, folders or quoted glob patterns")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for scores.csv, maps/ and overlays/")] = Path(
-        "predictions"),
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="folder for scores.csv, maps/ and overlays/, replaced as a whole (new, empty, or an "
+        "earlier polarocc predict output)")] = Path("predictions"),
     list_file: Annotated[Path | None, typer.Option("--list", help="a file listing one image path per line")] = None,
     threshold: Annotated[float | None, typer.Option(help="decision threshold on the score scale")] = None,
-    quantile: Annotated[float | None, typer.Option(help="threshold = this quantile of normal training scores")] = None,
+    quantile: Annotated[float | None, typer.Option(
+        help="threshold = this quantile of the model's normal scores (training images', or a stream model's window)")
+    ] = None,
     radius_threshold: Annotated[bool, typer.Option(
         "--radius-threshold", help="the paper's d > R rule (every image exceeds it in practice)")] = False,
     maps: Annotated[bool, typer.Option(help="write anomaly maps (.npy) and overlay PNGs")] = True,
@@ -140,14 +150,11 @@ def predict(
     from polarocc.deploy.predict import choose_threshold
     from polarocc.deploy.predict import predict as run_predict
 
-    try:
-        artefact = load_artefact(model)
-        chosen = choose_threshold(artefact, threshold, quantile, radius_threshold)
-        images = collect_images(inputs or [], list_file)
-        detector = Detector(artefact, _device(device))
-        table = run_predict(detector, images, out, chosen, batch_size, maps)
-    except PolaroccError as exc:
-        _fail(exc)
+    artefact = load_artefact(model)
+    chosen = choose_threshold(artefact, threshold, quantile, radius_threshold)
+    images = collect_images(inputs or [], list_file)
+    detector = Detector(artefact, _device(device))
+    table = run_predict(detector, images, out, chosen, batch_size, maps)
     typer.echo(f"threshold {chosen.describe()}")
     with pl.Config(tbl_rows=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
         typer.echo(table.select(["path", "score", "anomalous"]))
@@ -157,6 +164,7 @@ def predict(
 
 
 @app.command()
+@_user_errors
 def stream(
     inputs: Annotated[list[str] | None, typer.Argument(help="image files, folders or quoted globs, in order")] = None,
     model: Annotated[Path | None, typer.Option(help="start from this saved model")] = None,
@@ -174,7 +182,8 @@ def stream(
     warmup: Annotated[int, typer.Option(min=0, help="take the first N images as normal")] = 0,
     save_every: Annotated[int, typer.Option(min=1, help="write the state file every N images")] = 1,
     save_model: Annotated[Path | None, typer.Option(help="write the final model here (for predict)")] = None,
-    restart: Annotated[bool, typer.Option("--restart", help="discard an existing state file and CSV")] = False,
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="discard the state file and CSV (only ones polarocc stream wrote) and start over")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     params: Path = PARAMS,
 ) -> None:
@@ -191,45 +200,40 @@ def stream(
         save_stream_model,
     )
 
-    try:
-        if (model is None) == (not cold_start):
-            raise ConfigError("give either --model FILE or --cold-start")
-        images = collect_images(inputs or [], list_file)
-        extractor = None
-        if cold_start:
-            from polarocc.config import load_params
+    if (model is None) == (not cold_start):
+        raise ConfigError("give either --model FILE or --cold-start")
+    images = collect_images(inputs or [], list_file)
+    extractor = None
+    if cold_start:
+        from polarocc.config import load_params
 
-            p = load_params(params)
-            extractor = cold_start_extractor(p)
-            artefact = cold_start_artefact(p, extractor)
-            source = f"cold start from {params.resolve()}"
-        else:
-            artefact = load_artefact(model)
-            source = f"{model.resolve()} sha256 {file_digest(model)[:16]}"
-        t = artefact.train
-        settings = StreamSettings(clean, threshold, quantile, window, warmup, float(t.get("lr", 1e-4)),
-                                  float(t.get("weight_decay", 5e-4)), float(t.get("radius", 1e-5)), save_every)
-        settings.validate(artefact.threshold is not None)
-        learner = OnlineLearner(artefact, settings, _device(device), extractor)
-        counts = run_stream(learner, images, csv_path, state, source, restart)
-        if save_model is not None:
-            save_stream_model(learner, save_model)
-    except PolaroccError as exc:
-        _fail(exc)
+        p = load_params(params)
+        extractor = cold_start_extractor(p)
+        artefact = cold_start_artefact(p, extractor)
+        source = f"cold start from {params.resolve()}"
+    else:
+        artefact = load_artefact(model)
+        source = f"{model.resolve()} sha256 {file_digest(model)[:16]}"
+    t = artefact.train
+    settings = StreamSettings(clean, threshold, quantile, window, warmup, float(t.get("lr", 1e-4)),
+                              float(t.get("weight_decay", 5e-4)), float(t.get("radius", 1e-5)), save_every)
+    settings.validate(artefact.threshold is not None)
+    learner = OnlineLearner(artefact, settings, _device(device), extractor)
+    counts = run_stream(learner, images, csv_path, state, source, restart)
+    if save_model is not None:
+        save_stream_model(learner, save_model)
     typer.echo(f"processed {counts['processed']} image(s) now, {counts['total']} in all; {counts['updates']} "
                f"updates; rows in {csv_path}, state in {state}"
                + (f", model in {save_model}" if save_model is not None else ""))
 
 
 @app.command()
+@_user_errors
 def weights() -> None:
     """Convert (once) and locate the offline EfficientNet-Lite0 ImageNet weights used by default."""
     from polarocc.models.weights import converted_package_weights
 
-    try:
-        typer.echo(str(converted_package_weights()))
-    except PolaroccError as exc:
-        _fail(exc)
+    typer.echo(str(converted_package_weights()))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """Typed view of params.yaml, validated before any expensive work starts.
 
-Every check raises :class:`ConfigError` naming the key (``section.key``) and what to change, so a bad
-sweep stops in the first stage instead of after feature extraction.
+Every field of every section carries a declarative constraint (``CONSTRAINTS``, in the spirit of
+scikit-learn's ``_parameter_constraints``), so each key is checked by construction; the few rules that tie
+keys together follow in :func:`_check_consistency`. Every failure raises :class:`ConfigError` naming the key
+(``section.key``) and what to change, so a bad sweep stops in the first stage instead of after feature
+extraction.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from polarocc.errors import ConfigError
+from polarocc.ownership import NAME
 
 DISTRIBUTIONS = ("normal", "uniform", "ones", "feature_mean")
 REDUCTIONS = ("max", "mean", "topk")
@@ -24,6 +28,115 @@ DATASET_FORMATS = ("mvtec",)
 CLASSIFICATION_FORMATS = ("digits", "cifar10", "cifar100", "fashion_mnist", "image_folder", "mvtec")
 FEATURE_DTYPES = ("float16", "float32")
 COMPRESSORS = ("lz4", "zstd", "blosc", "none")
+DEVICES = ("auto", "cpu", "cuda")
+PEER_METHODS = ("patchcore", "padim", "untrained")
+EMBEDDED_CATEGORIES = ("brick", "grass", "gravel")  # scikit-image's texture photos (polarocc.data.textures)
+DEFECT_TYPES = ("scratch", "hole", "stain", "patch")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A constraint on one params value: ``test(value)`` is true when it is valid; ``expected`` says what a valid
+    value is, for the error message."""
+
+    test: Callable[[Any], bool]
+    expected: str
+    item: Rule | None = None  # for lists: the rule of each item, so an error can name the bad one
+
+
+def violation(rule: Rule, value: Any, key: str) -> str | None:
+    """None when ``value`` satisfies ``rule``; else the error message, naming ``key`` (or ``key[i]`` for the first
+    bad item of a list)."""
+    if rule.test(value):
+        return None
+    if rule.item is not None and isinstance(value, tuple):
+        for i, item in enumerate(value):
+            if not rule.item.test(item):
+                return f"params key '{key}[{i}]' must be {rule.item.expected}, got {item!r}"
+    shown = list(value) if isinstance(value, tuple) else value
+    return f"params key '{key}' must be {rule.expected}, got {shown!r}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(low: int | None = None, high: int | None = None) -> Rule:
+    """An integer (never a bool) in [low, high]."""
+    if low == 1 and high is None:
+        expected = "a positive integer"
+    else:
+        expected = "an integer" + ("" if low is None else f" >= {low}") + ("" if high is None else f" <= {high}")
+    return Rule(lambda v: _is_int(v) and (low is None or v >= low) and (high is None or v <= high), expected)
+
+
+def real(low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False) -> Rule:
+    """A finite number in the interval given by ``low``/``high`` (open ends where asked)."""
+    def test(v: Any) -> bool:
+        return (_is_real(v) and (low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
+
+    if low is None and high is None:
+        interval = ""
+    else:
+        interval = " in " + ("(" if low_open or low is None else "[") + ("-inf" if low is None else f"{low:g}") + \
+            ", " + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+    return Rule(test, f"a finite number{interval}")
+
+
+BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false (unquoted)")
+SEED = integer(0)
+POSITIVE = integer(1)
+PATH = Rule(lambda v: isinstance(v, Path) and str(v) != "", "a path")
+TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+SAFE_NAME = Rule(lambda v: isinstance(v, str) and bool(NAME.match(v)) and ".." not in v,
+                 "a plain name (letters, digits, '_', '-', '.', '+' or spaces; no '/' or '..')")
+
+
+def one_of(*choices: str) -> Rule:
+    """One of the given strings."""
+    return Rule(lambda v: isinstance(v, str) and v in choices, "one of " + ", ".join(choices))
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule`` or null."""
+    return Rule(lambda v: v is None or rule.test(v), f"null or {rule.expected}", rule.item)
+
+
+def either(*rules: Rule) -> Rule:
+    """Any of ``rules``."""
+    items = [r.item for r in rules if r.item is not None]
+    return Rule(lambda v: any(r.test(v) for r in rules), " or ".join(r.expected for r in rules),
+                items[0] if len(items) == 1 else None)
+
+
+def list_of(item: Rule, min_len: int = 1, max_len: int | None = None, unique: bool = True,
+            increasing: bool = False) -> Rule:
+    """A list of values that each satisfy ``item``."""
+    def test(v: Any) -> bool:
+        if not isinstance(v, tuple) or len(v) < min_len or (max_len is not None and len(v) > max_len):
+            return False
+        if not all(item.test(x) for x in v):
+            return False
+        if unique and len({repr(x) for x in v}) != len(v):
+            return False
+        return not increasing or list(v) == sorted(v)
+
+    size = f"{min_len}" if max_len == min_len else (f"at least {min_len}" if min_len else "any number of")
+    order = ", increasing" if increasing else ""
+    return Rule(test, f"a list of {size} item(s){' without repeats' if unique else ''}{order}, each {item.expected}",
+                item)
+
+
+MAPPING = Rule(lambda v: isinstance(v, dict), "a mapping of dataset names to their settings")
+SCHEDULER = Rule(lambda v: isinstance(v, str) and (v in ("inprocess", "local") or "://" in v),
+                 "inprocess, local or a dask scheduler address such as tcp://host:8786")
+NORM = real(0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -35,6 +148,9 @@ class DatasetConfig:
     categories: tuple[str, ...]
     format: str = "mvtec"
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "name": SAFE_NAME, "path": PATH, "categories": list_of(SAFE_NAME), "format": one_of(*DATASET_FORMATS)}
+
 
 @dataclass(frozen=True)
 class ClassificationDatasetConfig:
@@ -44,6 +160,10 @@ class ClassificationDatasetConfig:
     format: str
     path: Path | None = None
     classes: tuple[str, ...] | str = "all"
+
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "name": SAFE_NAME, "format": one_of(*CLASSIFICATION_FORMATS), "path": optional(PATH),
+        "classes": either(one_of("all"), list_of(TEXT))}
 
 
 @dataclass(frozen=True)
@@ -56,6 +176,9 @@ class ProtocolAConfig:
     epochs: int = 20
     batch_size: int = 64
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "datasets": MAPPING, "resize": POSITIVE, "crop": POSITIVE, "epochs": POSITIVE, "batch_size": POSITIVE}
+
 
 @dataclass(frozen=True)
 class ProtocolCConfig:
@@ -64,8 +187,7 @@ class ProtocolCConfig:
     datasets: tuple[str, ...] = ()
     seed: int = 1024
 
-
-PEER_METHODS = ("patchcore", "padim", "untrained")
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"datasets": list_of(SAFE_NAME, min_len=0), "seed": SEED}
 
 
 @dataclass(frozen=True)
@@ -81,6 +203,11 @@ class PeersConfig:
     padim_covariance: str = "per_position"  # PaDiM: per_position | shared (memory-aware)
     padim_eps: float = 0.01
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "methods": list_of(one_of(*PEER_METHODS), min_len=0), "coreset_ratio": real(0, 1, low_open=True),
+        "k": POSITIVE, "projection_dim": POSITIVE, "bank_limit": POSITIVE, "padim_channels": integer(0),
+        "padim_covariance": one_of("per_position", "shared"), "padim_eps": real(0, low_open=True)}
+
 
 @dataclass(frozen=True)
 class AnalysisConfig:
@@ -91,6 +218,10 @@ class AnalysisConfig:
     tsne_points: int = 600  # per center distribution
     overlays_per_category: int = 3
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "tolerance": real(0, 1, high_open=True), "budget_epochs": list_of(POSITIVE, increasing=True),
+        "tsne_points": integer(4), "overlays_per_category": POSITIVE}
+
 
 @dataclass(frozen=True)
 class DeployConfig:
@@ -98,20 +229,27 @@ class DeployConfig:
 
     threshold_quantile: float = 0.99
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"threshold_quantile": real(0, 1, low_open=True)}
+
 
 @dataclass(frozen=True)
-class TexturesConfig:
+class EmbeddedDataConfig:
     """The embedded real-texture dataset generated by the ``prepare`` stage."""
 
     output: Path = Path("data/textures")
-    categories: tuple[str, ...] = ("brick", "grass", "gravel")
-    defect_types: tuple[str, ...] = ("scratch", "hole", "stain", "patch")
+    categories: tuple[str, ...] = EMBEDDED_CATEGORIES
+    defect_types: tuple[str, ...] = DEFECT_TYPES
     train: int = 64
     test_good: int = 16
     defects_per_type: int = 6
     crop: int = 200
     image_size: int = 256
     seed: int = 1024
+
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "output": PATH, "categories": list_of(one_of(*EMBEDDED_CATEGORIES)),
+        "defect_types": list_of(one_of(*DEFECT_TYPES)), "train": POSITIVE, "test_good": POSITIVE,
+        "defects_per_type": POSITIVE, "crop": integer(8), "image_size": integer(8), "seed": SEED}
 
 
 @dataclass(frozen=True)
@@ -126,6 +264,12 @@ class BackboneConfig:
     crop: int = 224
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "name": TEXT, "weights": TEXT, "layers": list_of(integer(0), increasing=True),
+        "pool": Rule(lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd positive kernel size (1 = no pooling)"),
+        "resize": POSITIVE, "crop": POSITIVE, "mean": optional(list_of(real(), 3, 3, unique=False)),
+        "std": optional(list_of(real(0, low_open=True), 3, 3, unique=False))}
 
 
 @dataclass(frozen=True)
@@ -142,6 +286,11 @@ class ExtractConfig:
     workers: int = 2  # LocalCluster worker processes
     threads_per_worker: int = 1  # torch threads in each worker
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "dtype": one_of(*FEATURE_DTYPES), "batch_size": POSITIVE, "shard_images": POSITIVE,
+        "compressor": one_of(*COMPRESSORS), "level": integer(0, 22), "device": one_of(*DEVICES),
+        "scheduler": SCHEDULER, "workers": POSITIVE, "threads_per_worker": POSITIVE}
+
 
 @dataclass(frozen=True)
 class CenterConfig:
@@ -151,6 +300,8 @@ class CenterConfig:
     norm: float = 1.0
     seed: int = 1024
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"distribution": one_of(*DISTRIBUTIONS), "norm": NORM, "seed": SEED}
+
 
 @dataclass(frozen=True)
 class ProjectorConfig:
@@ -158,6 +309,8 @@ class ProjectorConfig:
 
     kind: str = "conv1x1"
     bias: bool = True
+
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"kind": one_of(*PROJECTORS), "bias": BOOLEAN}
 
 
 @dataclass(frozen=True)
@@ -174,6 +327,11 @@ class TrainConfig:
     dtype: str = "float64"
     stats_memory_mb: int = 4096  # Gram matrices above this are read from disk one batch at a time
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "trainer": one_of(*TRAINERS), "epochs": POSITIVE, "batch_size": POSITIVE, "lr": real(0, low_open=True),
+        "weight_decay": real(0), "radius": real(0, low_open=True), "seed": SEED,
+        "dtype": one_of("float32", "float64"), "stats_memory_mb": POSITIVE}
+
 
 @dataclass(frozen=True)
 class ScoreConfig:
@@ -186,6 +344,10 @@ class ScoreConfig:
     device: str = "auto"
     metrics_memory_mb: int = 2048  # pixel metrics are exact while every map fits this, else binned (bounded)
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "sigma": real(0), "reduction": one_of(*REDUCTIONS), "topk": POSITIVE, "squared": BOOLEAN,
+        "device": one_of(*DEVICES), "metrics_memory_mb": integer(0)}
+
 
 @dataclass(frozen=True)
 class SweepConfig:
@@ -194,13 +356,28 @@ class SweepConfig:
     norms: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
     distributions: tuple[str, ...] = DISTRIBUTIONS
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "norms": list_of(NORM), "distributions": list_of(one_of(*DISTRIBUTIONS))}
+
+
+# params.yaml's sections and the class each is read into (``datasets`` and ``protocol_a.datasets`` hold one
+# DatasetConfig / ClassificationDatasetConfig per entry).
+SECTIONS: dict[str, type] = {
+    "embedded_data": EmbeddedDataConfig, "backbone": BackboneConfig, "extract": ExtractConfig,
+    "center": CenterConfig, "projector": ProjectorConfig, "train": TrainConfig, "score": ScoreConfig,
+    "sweep": SweepConfig, "protocol_a": ProtocolAConfig, "protocol_c": ProtocolCConfig, "deploy": DeployConfig,
+    "peers": PeersConfig, "analysis": AnalysisConfig,
+}
+CONFIG_CLASSES: tuple[type, ...] = (DatasetConfig, ClassificationDatasetConfig, *SECTIONS.values())
+RENAMED_SECTIONS = {"textures": "embedded_data"}
+
 
 @dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
     datasets: dict[str, DatasetConfig]
-    textures: TexturesConfig = field(default_factory=TexturesConfig)
+    embedded_data: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     center: CenterConfig = field(default_factory=CenterConfig)
@@ -220,32 +397,37 @@ class Params:
         return [(d, n) for d in self.sweep.distributions for n in self.sweep.norms]
 
 
-def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    value = raw.get(name, {}) or {}
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    value = {} if value is None else value
     if not isinstance(value, dict):
-        raise ConfigError(f"params key '{name}' must be a mapping, got {type(value).__name__}")
+        raise ConfigError(f"params key '{key}' must be a mapping, got {type(value).__name__}")
     return value
 
 
 def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
-    known = {f.name: f for f in cls.__dataclass_fields__.values()}
-    unknown = sorted(set(raw) - set(known))
+    """``cls`` from a params mapping: unknown keys refused, every field checked against ``cls.CONSTRAINTS``."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown params key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-            f"valid keys are {', '.join(sorted(known))}"
-        )
+        raise ConfigError(f"unknown params key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                          f"valid keys are {', '.join(sorted(known))}")
+    missing = sorted(f.name for f in fields(cls)
+                     if f.name not in raw and f.default is MISSING and f.default_factory is MISSING)
+    if missing:
+        raise ConfigError(f"params key '{section}.{missing[0]}' is missing; set it (see README, Parameters)")
     values = {}
     for key, value in raw.items():
         if isinstance(value, list):
             value = tuple(value)
-        if key in ("path", "output") and value is not None:
+        if key in ("path", "output") and isinstance(value, str) and value:
             value = Path(value)
         values[key] = value
-    try:
-        return cls(**values)
-    except TypeError as exc:  # pragma: no cover - dataclass signature errors
-        raise ConfigError(f"params section '{section}': {exc}") from exc
+    config = cls(**values)
+    for f in fields(cls):
+        message = violation(cls.CONSTRAINTS[f.name], getattr(config, f.name), f"{section}.{f.name}")
+        if message:
+            raise ConfigError(message)
+    return config
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -253,182 +435,70 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"params key '{key}': {message}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any, key: str) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
-             f"must be a positive integer, got {value!r}")
-
-
-def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:
-    _require(value in choices, key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
-
-
 def validate_norm(norm: Any, key: str = "center.norm") -> float:
     """Return ``norm`` as a float, or raise naming ``key`` if it is not a positive finite number."""
-    _require(_is_number(norm) and norm > 0, key, f"a center norm must be a positive number, got {norm!r}")
+    _require(NORM.test(norm), key, f"a center norm must be a positive finite number, got {norm!r}")
     return float(norm)
 
 
-def parse_params(raw: dict[str, Any], root: Path | str = ".") -> Params:
+def parse_params(raw: Any, root: Path | str = ".") -> Params:
     """Build and validate :class:`Params` from the parsed YAML mapping."""
     if not isinstance(raw, dict):
-        raise ConfigError("params.yaml must hold a mapping of sections")
-    datasets_raw = _section(raw, "datasets")
+        raise ConfigError("params.yaml must hold a mapping of sections (datasets, backbone, train, ...)")
+    for old, new in RENAMED_SECTIONS.items():
+        _require(old not in raw, old, f"this section is now called '{new}': rename it in params.yaml")
+    unknown = sorted(set(raw) - {"datasets", *SECTIONS})
+    if unknown:
+        raise ConfigError(f"unknown params section(s) {', '.join(unknown)}; valid sections are "
+                          f"{', '.join(['datasets', *SECTIONS])}")
+    datasets_raw = _mapping(raw.get("datasets"), "datasets")
     _require(bool(datasets_raw), "datasets", "declare at least one dataset")
     datasets = {}
     for name, entry in datasets_raw.items():
-        _require(isinstance(entry, dict), f"datasets.{name}", "must be a mapping with path and categories")
-        _require("path" in entry, f"datasets.{name}.path", "is missing: set the dataset's root folder")
-        cats = entry.get("categories")
-        _require(isinstance(cats, list) and len(cats) > 0 and all(isinstance(c, str) for c in cats),
-                 f"datasets.{name}.categories", "must be a non-empty list of category folder names")
-        datasets[name] = _build(DatasetConfig, {"name": name, **entry}, f"datasets.{name}")
-        _require(datasets[name].format in DATASET_FORMATS or datasets[name].format not in CLASSIFICATION_FORMATS,
-                 f"datasets.{name}.format",
-                 f"{datasets[name].format} has class labels but no pixel masks, and 'datasets' is for Protocol B "
-                 "(detection and segmentation): declare it under protocol_a.datasets instead")
-        _choice(datasets[name].format, DATASET_FORMATS, f"datasets.{name}.format")
+        key = f"datasets.{name}"
+        _require(isinstance(entry, dict), key, "must be a mapping with path and categories")
+        fmt = entry.get("format", "mvtec")
+        _require(fmt in DATASET_FORMATS or fmt not in CLASSIFICATION_FORMATS, f"{key}.format",
+                 f"{fmt} has class labels but no pixel masks, and 'datasets' is for Protocol B (detection and "
+                 "segmentation): declare it under protocol_a.datasets instead")
+        datasets[name] = _build(DatasetConfig, {"name": name, **entry}, key)
 
-    raw_a = dict(_section(raw, "protocol_a"))
+    raw_a = dict(_mapping(raw.get("protocol_a"), "protocol_a"))
     a_datasets = {}
-    for name, entry in (raw_a.pop("datasets", None) or {}).items():
-        _require(isinstance(entry, dict), f"protocol_a.datasets.{name}", "must be a mapping with format (and path)")
-        _require(name not in datasets, f"protocol_a.datasets.{name}",
-                 "has the name of a Protocol B dataset; each dataset needs its own name")
-        a_datasets[name] = _build(ClassificationDatasetConfig, {"name": name, **entry}, f"protocol_a.datasets.{name}")
-    params = Params(
-        datasets=datasets,
-        protocol_a=_build(ProtocolAConfig, {**raw_a, "datasets": a_datasets}, "protocol_a"),
-        textures=_build(TexturesConfig, _section(raw, "textures"), "textures"),
-        backbone=_build(BackboneConfig, _section(raw, "backbone"), "backbone"),
-        extract=_build(ExtractConfig, _section(raw, "extract"), "extract"),
-        center=_build(CenterConfig, _section(raw, "center"), "center"),
-        projector=_build(ProjectorConfig, _section(raw, "projector"), "projector"),
-        train=_build(TrainConfig, _section(raw, "train"), "train"),
-        score=_build(ScoreConfig, _section(raw, "score"), "score"),
-        sweep=_build(SweepConfig, _section(raw, "sweep"), "sweep"),
-        protocol_c=_build(ProtocolCConfig, _section(raw, "protocol_c"), "protocol_c"),
-        deploy=_build(DeployConfig, _section(raw, "deploy"), "deploy"),
-        peers=_build(PeersConfig, _section(raw, "peers"), "peers"),
-        analysis=_build(AnalysisConfig, _section(raw, "analysis"), "analysis"),
-        root=Path(root),
-    )
-    _validate_values(params)
+    for name, entry in _mapping(raw_a.pop("datasets", None), "protocol_a.datasets").items():
+        key = f"protocol_a.datasets.{name}"
+        _require(isinstance(entry, dict), key, "must be a mapping with format (and path)")
+        _require(name not in datasets, key, "has the name of a Protocol B dataset; each dataset needs its own name")
+        a_datasets[name] = _build(ClassificationDatasetConfig, {"name": name, **entry}, key)
+    sections = {name: _build(cls, {**_mapping(raw.get(name), name), **({"datasets": a_datasets}
+                                                                        if name == "protocol_a" else {})}, name)
+                for name, cls in SECTIONS.items()}
+    params = Params(datasets=datasets, root=Path(root), **sections)
+    _check_consistency(params)
     return params
 
 
-def _validate_values(p: Params) -> None:
-    t = p.textures
-    for key in ("train", "test_good", "defects_per_type", "crop", "image_size"):
-        _positive_int(getattr(t, key), f"textures.{key}")
-    from polarocc.data.textures import DEFECT_TYPES, TEXTURE_SOURCES
-
-    for cat in t.categories:
-        _choice(cat, tuple(TEXTURE_SOURCES), "textures.categories")
-    for kind in t.defect_types:
-        _choice(kind, DEFECT_TYPES, "textures.defect_types")
-
+def _check_consistency(p: Params) -> None:
+    """The rules that tie several keys together (each key alone was checked by its constraint)."""
     b = p.backbone
-    _require(isinstance(b.name, str) and b.name != "", "backbone.name", "must name a timm model")
-    _require(len(b.layers) > 0 and all(isinstance(i, int) and i >= 0 for i in b.layers), "backbone.layers",
-             f"must be a non-empty list of feature indices (timm out_indices), got {list(b.layers)!r}")
-    _require(list(b.layers) == sorted(set(b.layers)), "backbone.layers", "must be increasing without repeats")
-    _require(isinstance(b.pool, int) and b.pool >= 1 and b.pool % 2 == 1, "backbone.pool",
-             f"must be an odd positive kernel size (1 disables pooling), got {b.pool!r}")
-    _positive_int(b.resize, "backbone.resize")
-    _positive_int(b.crop, "backbone.crop")
     _require(b.crop <= b.resize, "backbone.crop", f"({b.crop}) must not exceed backbone.resize ({b.resize})")
-    for key in ("mean", "std"):
-        value = getattr(b, key)
-        _require(value is None or (len(value) == 3 and all(_is_number(v) for v in value)), f"backbone.{key}",
-                 "must be null (use the model's) or three numbers")
-
     e = p.extract
-    _choice(e.dtype, FEATURE_DTYPES, "extract.dtype")
-    _choice(e.compressor, COMPRESSORS, "extract.compressor")
-    _positive_int(e.batch_size, "extract.batch_size")
-    _positive_int(e.shard_images, "extract.shard_images")
-    _choice(e.device, ("auto", "cpu", "cuda"), "extract.device")
-    _require(e.scheduler in ("inprocess", "local") or (isinstance(e.scheduler, str) and "://" in e.scheduler),
-             "extract.scheduler", f"must be inprocess, local or a dask scheduler address such as "
-             f"tcp://host:8786, got {e.scheduler!r}")
-    _positive_int(e.workers, "extract.workers")
-    _positive_int(e.threads_per_worker, "extract.threads_per_worker")
-
-    _choice(p.center.distribution, DISTRIBUTIONS, "center.distribution")
-    validate_norm(p.center.norm)
-    _choice(p.projector.kind, PROJECTORS, "projector.kind")
-    _require(isinstance(p.projector.bias, bool), "projector.bias", "must be true or false")
-
-    tr = p.train
-    _choice(tr.trainer, TRAINERS, "train.trainer")
-    _positive_int(tr.epochs, "train.epochs")
-    _positive_int(tr.batch_size, "train.batch_size")
-    for key in ("lr", "radius"):
-        _require(_is_number(getattr(tr, key)) and getattr(tr, key) > 0, f"train.{key}", "must be positive")
-    _require(_is_number(tr.weight_decay) and tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _choice(tr.dtype, ("float32", "float64"), "train.dtype")
-    _positive_int(tr.stats_memory_mb, "train.stats_memory_mb")
-
-    s = p.score
-    _require(_is_number(s.sigma) and s.sigma >= 0, "score.sigma", "must be >= 0 (0 disables smoothing)")
-    _choice(s.reduction, REDUCTIONS, "score.reduction")
-    _positive_int(s.topk, "score.topk")
-    _choice(s.device, ("auto", "cpu", "cuda"), "score.device")
-    _require(isinstance(s.metrics_memory_mb, int) and not isinstance(s.metrics_memory_mb, bool)
-             and s.metrics_memory_mb >= 0, "score.metrics_memory_mb", "must be an integer >= 0 (0: always binned)")
-
+    if e.compressor in ("lz4", "blosc"):
+        _require(e.level <= 9, "extract.level", f"blosc ({e.compressor}) levels are 0..9, got {e.level}")
     a = p.protocol_a
-    for key in ("resize", "crop", "epochs", "batch_size"):
-        _positive_int(getattr(a, key), f"protocol_a.{key}")
     _require(a.crop <= a.resize, "protocol_a.crop", f"({a.crop}) must not exceed protocol_a.resize ({a.resize})")
     for ds in a.datasets.values():
-        key = f"protocol_a.datasets.{ds.name}"
-        _choice(ds.format, CLASSIFICATION_FORMATS, f"{key}.format")
-        _require(ds.format == "digits" or ds.path is not None, f"{key}.path",
+        _require(ds.format == "digits" or ds.path is not None, f"protocol_a.datasets.{ds.name}.path",
                  f"is missing: set the folder holding the {ds.format} files")
-        _require(ds.classes == "all" or (isinstance(ds.classes, tuple) and len(ds.classes) > 0),
-                 f"{key}.classes", "must be 'all' or a non-empty list of class names")
-
     c = p.protocol_c
-    _require(isinstance(c.datasets, tuple), "protocol_c.datasets", "must be a list of dataset names")
     for name in c.datasets:
         _require(name in p.datasets, "protocol_c.datasets",
                  f"{name!r} is not declared under 'datasets'; choose from {', '.join(p.datasets)}")
-    _require(isinstance(c.seed, int) and not isinstance(c.seed, bool), "protocol_c.seed", "must be an integer")
     _require(not c.datasets or p.center.distribution != "feature_mean", "center.distribution",
              "Protocol C starts cold, before any data is seen, so its center cannot be 'feature_mean'; use "
              "normal, uniform or ones (or empty protocol_c.datasets)")
-    q = p.deploy.threshold_quantile
-    _require(_is_number(q) and 0 < q <= 1, "deploy.threshold_quantile", f"must be in (0, 1], got {q!r}")
-
-    pe = p.peers
-    for method in pe.methods:
-        _choice(method, PEER_METHODS, "peers.methods")
-    _require(_is_number(pe.coreset_ratio) and 0 < pe.coreset_ratio <= 1, "peers.coreset_ratio", "must be in (0, 1]")
-    _positive_int(pe.k, "peers.k")
-    _positive_int(pe.projection_dim, "peers.projection_dim")
-    _positive_int(pe.bank_limit, "peers.bank_limit")
-    _require(isinstance(pe.padim_channels, int) and pe.padim_channels >= 0, "peers.padim_channels",
-             "must be a channel count (0 keeps all)")
-    _choice(pe.padim_covariance, ("per_position", "shared"), "peers.padim_covariance")
-    _require(_is_number(pe.padim_eps) and pe.padim_eps > 0, "peers.padim_eps", "must be positive")
-    an = p.analysis
-    _require(_is_number(an.tolerance) and 0 <= an.tolerance < 1, "analysis.tolerance", "must be in [0, 1)")
-    _require(len(an.budget_epochs) > 0 and all(isinstance(e, int) and e > 0 for e in an.budget_epochs),
-             "analysis.budget_epochs", "must list positive epoch numbers")
-    _positive_int(an.tsne_points, "analysis.tsne_points")
-    _positive_int(an.overlays_per_category, "analysis.overlays_per_category")
-
-    _require(len(p.sweep.norms) > 0, "sweep.norms", "must list at least one norm")
-    for i, norm in enumerate(p.sweep.norms):
-        validate_norm(norm, f"sweep.norms[{i}]")
-    _require(len(p.sweep.distributions) > 0, "sweep.distributions", "must list at least one distribution")
-    for dist in p.sweep.distributions:
-        _choice(dist, DISTRIBUTIONS, "sweep.distributions")
+    labels = [norm_label(n) for n in p.sweep.norms]
+    _require(len(set(labels)) == len(labels), "sweep.norms", f"lists the same norm twice ({', '.join(labels)})")
     _require(p.center.distribution in p.sweep.distributions, "center.distribution",
              f"the default variant's distribution {p.center.distribution!r} must be in sweep.distributions")
     _require(float(p.center.norm) in [float(n) for n in p.sweep.norms], "center.norm",
@@ -440,8 +510,15 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no params file at {path}: run from the project root or pass --params")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}; fix the syntax there") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
     return parse_params(raw, root=path.parent)
 
 
@@ -453,9 +530,9 @@ def resolve(params: Params, path: Path) -> Path:
 def check_datasets_exist(params: Params) -> None:
     """Fail early when a user-supplied dataset folder or category is missing.
 
-    Datasets written by the ``prepare`` stage (the embedded textures) are exempt: they appear later.
+    Datasets written by the ``prepare`` stage (the embedded data) are exempt: they appear later.
     """
-    generated = resolve(params, params.textures.output).resolve()
+    generated = resolve(params, params.embedded_data.output).resolve()
     for ds in params.datasets.values():
         root = resolve(params, ds.path)
         if root.resolve() == generated:
@@ -485,20 +562,6 @@ def check_protocol_a_paths(params: Params) -> None:
             )
 
 
-def check_backbone_known(params: Params) -> None:
-    """Fail early when timm does not know ``backbone.name``."""
-    import timm
-
-    name = params.backbone.name
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ConfigError(
-            f"params key 'backbone.name': timm has no model named {name!r}"
-            + (f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()")
-        )
-
-
 def norm_label(norm: float) -> str:
     """The spelling of a norm used in stage names and paths (``1``, ``0.5``)."""
     return f"{norm:g}"
-

@@ -52,10 +52,11 @@ def _is_empty_dir(folder: Path) -> bool:
     return folder.is_dir() and not any(folder.iterdir())
 
 
-def check_replaceable(folder: Path, key: str) -> None:
-    """Fail unless ``folder`` is absent, empty, or was written by polarocc (carries the marker)."""
+def check_replaceable(folder: Path, key: str, known: frozenset[Path] = frozenset()) -> None:
+    """Fail unless ``folder`` is absent, empty, was written by polarocc (carries the marker) or is one of the
+    ``known`` outputs (resolved paths the project's own records say it wrote, e.g. dvc.lock's)."""
     folder = Path(folder)
-    if not folder.exists() or _is_empty_dir(folder) or is_owned(folder):
+    if not folder.exists() or _is_empty_dir(folder) or is_owned(folder) or folder.resolve() in known:
         return
     what = "a file" if not folder.is_dir() else "a folder polarocc did not create (it has no " + MARKER + " marker)"
     raise UnsafePathError(f"{key}: {folder} is {what}; polarocc never deletes or overwrites what it did not "
@@ -104,12 +105,12 @@ def swap_in(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def replace_folder(final: Path, key: str, build: Callable[[Path], T]) -> T:
+def replace_folder(final: Path, key: str, build: Callable[[Path], T], known: frozenset[Path] = frozenset()) -> T:
     """Build a folder's whole content in a sibling staging folder with ``build(staging)``, then put it in place
-    of ``final``. ``final`` is checked first: it must be absent, empty or polarocc's own. A failure in
-    ``build`` leaves ``final`` as it was."""
+    of ``final``. ``final`` is checked first: it must be absent, empty or polarocc's own (see
+    :func:`check_replaceable`). A failure in ``build`` leaves ``final`` as it was."""
     final = Path(final)
-    check_replaceable(final, key)
+    check_replaceable(final, key, known)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _staging(final) as staging:
         result = build(staging)

@@ -30,7 +30,7 @@ def tiny_params(default_params: dict) -> dict:
     """The project's params shrunk to a few tiny images (64 px crops, 2 categories, 3 epochs)."""
     raw = copy.deepcopy(default_params)
     raw["datasets"] = {"textures": {"format": "mvtec", "path": "data/textures", "categories": ["brick", "gravel"]}}
-    raw["textures"].update(categories=["brick", "gravel"], train=6, test_good=3, defects_per_type=1, crop=96,
+    raw["embedded_data"].update(categories=["brick", "gravel"], train=6, test_good=3, defects_per_type=1, crop=96,
                            image_size=72)
     raw["backbone"].update(resize=72, crop=64)
     raw["extract"].update(shard_images=4, batch_size=4)

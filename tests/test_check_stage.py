@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, write_params
+
+pytestmark = pytest.mark.integration
 
 
 def _project(params_dict: dict, mvtec_tree: Path, tmp_path: Path) -> Path:

@@ -337,6 +337,7 @@ def test_cli_export_predict_and_stream(trained: Path, model_path: Path, mvtec_tr
     assert neither.exit_code == 2 and "--model FILE or --cold-start" in neither.output
 
 
+@pytest.mark.integration
 def test_stream_killed_with_sigkill_resumes_to_the_same_rows(model_path: Path, mvtec_tree: Path,
                                                              tmp_path: Path) -> None:
     import signal

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from polarocc.config import load_params
 from polarocc.pipeline.aggregate import run_aggregate
 from polarocc.pipeline.analyze import run_analyze
@@ -15,6 +17,8 @@ from polarocc.pipeline.peers import run_peers
 from polarocc.pipeline.report import run_report
 from polarocc.pipeline.score import run_score
 from polarocc.pipeline.train import run_train
+
+pytestmark = pytest.mark.integration
 
 
 def _run_everything(folder: Path) -> None:

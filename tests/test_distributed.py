@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 import zarr
@@ -19,6 +20,8 @@ from polarocc.config import load_params
 from polarocc.pipeline import paths
 from polarocc.pipeline.extract import run_extract
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
 
 ARRAYS = ("train/features", "train/gram", "train/sums", "test/features", "test/masks")
 
@@ -155,7 +158,7 @@ def test_cuda_tasks_ask_for_a_gpu_so_each_gpu_runs_one_at_a_time(tmp_path: Path,
     samples = {split: [Sample(Path(f"{split}/{i}.png"), 0) for i in range(8)] for split in fs.SPLITS}
     layout = fs.StoreLayout(4, 2, 2, 8, shard_images=1)
     for device, expected_peak in (("cuda", 1), ("cpu", 4)):
-        spec = distributed.WorkerSpec("x", (1,), 3, "none", None, None, 8, 8, 1, "float16", device, 1)
+        spec = distributed.WorkerSpec("x", (1,), 3, "none", None, None, 8, 8, 1, "float16", device)
         cluster = LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None,
                                resources={"GPU": 1})
         _CONCURRENCY["peak"] = 0
@@ -165,3 +168,10 @@ def test_cuda_tasks_ask_for_a_gpu_so_each_gpu_runs_one_at_a_time(tmp_path: Path,
                 progress=False)
         assert computed == {"train": 8, "test": 8}
         assert _CONCURRENCY["peak"] == expected_peak
+
+
+def test_workers_use_threads_per_worker_torch_threads() -> None:
+    from polarocc.features.distributed import cluster_client
+
+    with cluster_client("local", 1, 3) as client:
+        assert list(client.run(torch.get_num_threads).values()) == [3]

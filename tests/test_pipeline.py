@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import pytest
 
 from polarocc.reports.tables import read_results
 from tests.conftest import ROOT, write_params
+
+pytestmark = pytest.mark.integration
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -29,16 +32,17 @@ def _stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-@pytest.mark.slow
 def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", project)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, project)
     for folder in ("stages", "polarocc"):
         shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     write_params(params_dict, project)
     _run(["git", "init", "-q"], project)
     _run(["dvc", "init", "-q"], project)
+    shutil.copytree(ROOT / ".dvc/plots", project / ".dvc/plots")
 
     first = _stages_run(_run(["dvc", "repro"], project))
     assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
@@ -60,6 +64,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
         peers.filter((pl.col("method") == "patchcore") & (pl.col("dataset") == "textures"))["image_auroc"].mean(),
         abs=1e-4)
     _check_report(project, table)
+    _bad_params_change_nothing(params_dict, project)
     table = table.filter((pl.col("protocol") != "C") & (pl.col("method") == "projector"))
     assert table.height == (2 + 2) * 2 * 2  # (categories + digit classes) x distributions x norms
     assert table.filter(pl.col("protocol") == "B")["aupro"].is_between(0, 1).all()
@@ -86,6 +91,50 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
         (pl.col("protocol") != "C") & (pl.col("method") == "projector"))
     assert sorted(set(table["norm"])) == [1.0, 3.0]
     assert table.height == (2 + 2) * 2 * 2  # the dropped norm 8 leaves no stale rows
+
+
+# Bad params a user may write, and the key the failure must name (None: DVC itself refuses the dvc.yaml).
+BAD_PARAMS = [
+    ("score", "sigma", -1, "score.sigma"),
+    ("backbone", "name", "tf_efficientnet_lite9", "backbone.name"),
+    ("center", "norm", float("nan"), "center.norm"),
+    ("center", "seed", "abc", "center.seed"),
+    ("extract", "level", -5, "extract.level"),
+    ("score", "squared", "no", "score.squared"),
+    ("backbone", "layers", [1, 2, 9], "backbone.layers"),
+    ("backbone", "weights", "/nowhere/weights.pth", "backbone.weights"),
+    ("protocol_c", "datasets", ["mvtec"], "protocol_c.datasets"),
+    ("embedded_data", "output", "../victim", None),
+]
+
+
+def _snapshot(project: Path) -> dict[str, bytes]:
+    skip = {".git", ".dvc"}
+    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(project.rglob("*"))
+            if p.is_file() and not skip & set(p.relative_to(project).parts) and p.name != "params.yaml"}
+
+
+def _bad_params_change_nothing(params_dict: dict, project: Path) -> None:
+    """A finished pipeline's outputs are byte-identical after a `dvc repro` that fails on a bad param."""
+    before = _snapshot(project)
+    assert any(name.startswith("data/features/") for name in before)
+    victim = project.parent / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    for section, key, value, named in BAD_PARAMS:
+        bad = copy.deepcopy(params_dict)
+        bad[section][key] = value
+        write_params(bad, project)
+        result = subprocess.run(["dvc", "repro"], cwd=project, env=ENV, capture_output=True, text=True)
+        assert result.returncode != 0, f"{section}.{key}={value!r} did not fail"
+        if named is not None:
+            assert named in result.stdout + result.stderr, (named, result.stdout[-2000:], result.stderr[-2000:])
+        after = _snapshot(project)
+        changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+        assert not changed, f"{section}.{key}={value!r} changed {changed[:5]}"
+    assert (victim / "keep.txt").read_text() == "mine"
+    write_params(params_dict, project)
+    assert _stages_run(_run(["dvc", "repro"], project)) == set()  # the good params again: nothing reruns
 
 
 def _section(report: str, title: str) -> str:

@@ -108,6 +108,7 @@ def test_unknown_class_stops_before_extraction(params_dict: dict, tmp_path: Path
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.integration
 def test_protocol_a_check_stage(params_dict: dict, tmp_path: Path) -> None:
     import json
     import subprocess

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +116,40 @@ def test_non_binary_mask_is_binarised_with_a_warning(mvtec_tree: Path, tmp_path:
         check_files(read_split(root, "brick", "test"), progress=False)
     mask = load_mask(mask_path, Geometry(64, 64))
     assert mask.dtype == bool and mask.sum() == (soft > 0).sum()
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A 1-bit grayscale PNG that claims ``width`` x ``height`` pixels in 89 bytes (its pixel data is cut short):
+    enough for Pillow's size check, which runs before any decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64)))
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.png"
+    _png_header_only(huge, 20000, 20000)  # 400 megapixels, over Pillow's default hard limit
+    with pytest.raises(DataError, match=r"image .*huge.png is too large to decode \(400 megapixels\).*downscale") \
+            as err:
+        load_image(huge, Geometry(32, 32))
+    assert "\n" not in str(err.value)
+
+
+def test_decompression_limits_with_small_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("P", (30, 30)).save(path)  # 900 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # hard limit: twice that, 800 pixels
+    with pytest.raises(DataError, match=r"big.png is too large to decode \(900 pixels\): .*over 800 pixels"):
+        load_mask(path, Geometry(32, 32))
+    # between the limit and twice it Pillow only warns, and the image loads
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert load_image(path, Geometry(32, 32)).shape == (32, 32, 3)
+    # where warnings are errors (python -W error) the warning becomes a DataError, not a traceback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=r"big.png is too large to decode"):
+            load_image(path, Geometry(32, 32))

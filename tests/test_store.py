@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from polarocc.data.images import Geometry
+from polarocc.errors import MissingOutputError
 from polarocc.features import store as fs
 from polarocc.features.extract import CategoryExtractor, extract_category, read_category
 from polarocc.features.store import FeatureStore
@@ -97,8 +98,8 @@ def test_changed_params_never_reuse_partial(runner, mvtec_tree: Path, tmp_path: 
 
 
 def test_incomplete_store_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"run the extract stage"):
+    with pytest.raises(MissingOutputError, match=r"run the extract stage"):
         FeatureStore(tmp_path / "none.zarr")
     zarr.open_group(tmp_path / "half.zarr", mode="w").attrs["complete"] = False
-    with pytest.raises(RuntimeError, match=r"incomplete"):
+    with pytest.raises(MissingOutputError, match=r"incomplete"):
         FeatureStore(tmp_path / "half.zarr")

@@ -12,10 +12,13 @@ from typer.testing import CliRunner
 from polarocc.cli import app
 from polarocc.data.mvtec import read_split
 from polarocc.data.visa import convert_visa
-from polarocc.errors import DataError
+from polarocc.errors import DataError, UnsafePathError
+from polarocc.ownership import MARKER
 
 
-def _visa(root: Path) -> None:
+def _visa(root: Path, extra: tuple[str, ...] = ()) -> None:
+    """A tiny VisA release under ``root``: two objects, three normal and one anomalous image each; ``extra``
+    CSV rows are appended."""
     rows = ["object,split,label,image,mask"]
     for obj in ("candle", "pcb1"):
         for i in range(3):
@@ -33,7 +36,12 @@ def _visa(root: Path) -> None:
         Image.fromarray(mask).save(root / mask_rel)
         rows.append(f"{obj},test,anomaly,{rel},{mask_rel}")
     (root / "split_csv").mkdir()
-    (root / "split_csv/1cls.csv").write_text("\n".join(rows) + "\n")
+    (root / "split_csv/1cls.csv").write_text("\n".join([*rows, *extra]) + "\n")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its content."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_convert_and_read(tmp_path: Path) -> None:
@@ -62,3 +70,76 @@ def test_errors(tmp_path: Path) -> None:
     (tmp_path / "visa/pcb1/Data/Masks/Anomaly/000.png").unlink()
     with pytest.raises(DataError, match=r"anomalous VisA image .*pcb1.*000.JPG has no mask"):
         convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+
+
+NORMAL = "candle/Data/Images/Normal/0000.JPG"
+
+
+def test_object_escaping_out_writes_nothing(tmp_path: Path) -> None:
+    _visa(tmp_path / "visa", (f"../../escape,train,normal,{NORMAL},",))
+    before = _tree(tmp_path)
+    with pytest.raises(UnsafePathError, match=r"split_csv/1cls.csv line 10 object: '../../escape' cannot name"):
+        convert_visa(tmp_path / "visa", tmp_path / "work/out", progress=False)
+    assert _tree(tmp_path) == before and not (tmp_path / "work").exists()
+
+
+def test_image_outside_root_is_refused_and_not_linked(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.JPG"
+    Image.new("RGB", (8, 8)).save(outside, format="JPEG")
+    _visa(tmp_path / "visa", ("candle,train,normal,../outside.JPG,",))
+    with pytest.raises(UnsafePathError, match=r"line 10 image: .*outside.JPG resolves to .* outside .*visa"):
+        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and outside.stat().st_nlink == 1
+
+
+def test_mask_outside_root_is_refused(tmp_path: Path) -> None:
+    Image.new("L", (8, 8)).save(tmp_path / "secret.png")
+    _visa(tmp_path / "visa", (f"pcb1,test,anomaly,{NORMAL},../secret.png",))
+    with pytest.raises(UnsafePathError, match=r"line 10 mask: .*secret.png resolves to .* outside"):
+        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ((f"pcb1,test,maybe,{NORMAL},",), r"line 10 label: 'maybe' is neither"),
+    ((f"pcb1,val,normal,{NORMAL},",), r"line 10 split: 'val' is neither"),
+    (("pcb1,test,normal,pcb1/missing.JPG,",), r"line 10 image: pcb1/missing.JPG does not exist"),
+    ((f"pcb1,test,anomaly,{NORMAL},split_csv/1cls.csv",), r"line 10 mask: cannot read image .*1cls.csv"),
+    ((f"pcb1,test,normal,{NORMAL},", f"pcb1,test,normal,{NORMAL},"),
+     r"lines 10 and 11 both write .*pcb1/test/good/0000.JPG"),
+])
+def test_bad_row_writes_nothing(tmp_path: Path, rows: tuple[str, ...], message: str) -> None:
+    _visa(tmp_path / "visa", rows)
+    with pytest.raises(DataError, match=message):
+        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_not_written_by_polarocc_is_left_alone(tmp_path: Path) -> None:
+    _visa(tmp_path / "visa")
+    out = tmp_path / "mine"
+    (out / "candle/train/good").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "candle/train/good/0000.JPG").write_bytes(b"my own file")
+    before = _tree(out)
+    with pytest.raises(UnsafePathError, match=r"convert-visa OUT: .*mine is a folder polarocc did not create"):
+        convert_visa(tmp_path / "visa", out, progress=False)
+    assert _tree(out) == before
+
+
+def test_rerun_into_own_output(tmp_path: Path) -> None:
+    _visa(tmp_path / "visa")
+    source = _tree(tmp_path / "visa")
+    first = convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / MARKER).is_file()
+    written = _tree(tmp_path / "out")
+    assert convert_visa(tmp_path / "visa", tmp_path / "out", progress=False) == first
+    assert _tree(tmp_path / "out") == written and _tree(tmp_path / "visa") == source  # no write through hard links
+    assert len(read_split(tmp_path / "out", "candle", "test")) == 2
+
+
+def test_cli_refuses_unsafe_category(tmp_path: Path) -> None:
+    _visa(tmp_path / "visa")
+    result = CliRunner().invoke(app, ["convert-visa", str(tmp_path / "visa"), str(tmp_path / "out"), "-c", "../x"])
+    assert result.exit_code == 2 and "--category: '../x' cannot name a folder" in result.output
+    assert not (tmp_path / "out").exists()

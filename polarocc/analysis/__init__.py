@@ -1,0 +1,1 @@
+"""Polar diagnostics and cosine similarities of features."""

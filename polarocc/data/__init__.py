@@ -1,0 +1,1 @@
+"""Dataset readers (MVTec layout, classification formats, VisA) and the embedded textures generator."""

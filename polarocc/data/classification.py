@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from polarocc.errors import DataError
+from polarocc.safe_load import load_plain_pickle
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)"
 FMNIST_URL = "https://github.com/zalandoresearch/fashion-mnist (the four idx files)"
@@ -51,19 +52,61 @@ def _to_rgb(gray_or_rgb: np.ndarray) -> np.ndarray:
     return np.repeat(gray_or_rgb[..., None], 3, axis=-1) if gray_or_rgb.ndim == 3 else gray_or_rgb
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, source: str = CIFAR10_URL) -> dict:
+    """A CIFAR python batch as a dict with bytes keys, read without ever running code from the file (the
+    batches are pickles, and a tampered one could otherwise run anything); ``source`` names where to get it."""
     try:
-        with path.open("rb") as fh:
-            return pickle.load(fh, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable CIFAR python batch ({exc})") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read CIFAR python batch {path} ({exc})") from exc
+    try:
+        batch = load_plain_pickle(data, encoding="bytes")
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path} is not a readable CIFAR python batch ({exc}); polarocc never runs code from "
+                        f"dataset files: replace it with the original from {source}") from exc
+    except Exception as exc:  # a damaged pickle fails in many ways (EOFError, ValueError, TypeError, ...)
+        raise DataError(f"{path} is not a readable CIFAR python batch ({type(exc).__name__}: {exc}); replace it "
+                        f"with the original from {source}") from exc
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a readable CIFAR python batch (it holds a {type(batch).__name__}, not a "
+                        f"dict); replace it with the original from {source}")
+    return batch
+
+
+def _field(batch: dict, key: bytes, path: Path) -> object:
+    """``batch[key]``, or an error naming the file and the missing key."""
+    if key not in batch:
+        found = ", ".join(sorted(repr(k) for k in batch)) or "nothing"
+        raise DataError(f"{path} is not a readable CIFAR python batch (no {key!r} entry; found {found}); "
+                        "replace it with the original file")
+    return batch[key]
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    try:
+        data = np.asarray(_field(batch, b"data", path), dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: the data entry is not an array of bytes ({exc})") from exc
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _cifar_labels(batch: dict, key: bytes, path: Path, count: int) -> np.ndarray:
+    try:
+        labels = np.asarray(_field(batch, key, path), dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: the {key.decode()} entry is not a list of integers ({exc})") from exc
+    if labels.shape != (count,):
+        raise DataError(f"{path}: {labels.shape} {key.decode()} do not match {count} images")
+    return labels
+
+
+def _cifar_names(batch: dict, key: bytes, path: Path) -> tuple[str, ...]:
+    names = _field(batch, key, path)
+    if not isinstance(names, list | tuple) or not all(isinstance(n, bytes | str) for n in names):
+        raise DataError(f"{path}: the {key.decode()} entry is not a list of names")
+    return tuple(n.decode() if isinstance(n, bytes) else n for n in names)
 
 
 def read_cifar10(root: Path) -> ClassificationSplits:
@@ -77,14 +120,16 @@ def read_cifar10(root: Path) -> ClassificationSplits:
     files = [_require(root / f"data_batch_{i}", "CIFAR-10 training batch", CIFAR10_URL) for i in range(1, 6)]
     test_file = _require(root / "test_batch", "CIFAR-10 test batch", CIFAR10_URL)
     meta = _unpickle(_require(root / "batches.meta", "CIFAR-10 batches.meta", CIFAR10_URL))
-    train = [_unpickle(f) for f in files]
-    test = _unpickle(test_file)
-    return ClassificationSplits(
-        ClassSplit(np.concatenate([_cifar_images(b, f) for b, f in zip(train, files, strict=True)]),
-                   np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in train])),
-        ClassSplit(_cifar_images(test, test_file), np.asarray(test[b"labels"], dtype=np.int64)),
-        tuple(n.decode() for n in meta[b"label_names"]),
-    )
+    classes = _cifar_names(meta, b"label_names", root / "batches.meta")
+    splits = []
+    for paths in (files, [test_file]):
+        images, labels = [], []
+        for path in paths:
+            batch = _unpickle(path)
+            images.append(_cifar_images(batch, path))
+            labels.append(_cifar_labels(batch, b"labels", path, len(images[-1])))
+        splits.append(ClassSplit(np.concatenate(images), np.concatenate(labels)))
+    return ClassificationSplits(splits[0], splits[1], classes)
 
 
 def read_cifar100(root: Path, coarse: bool = True) -> ClassificationSplits:
@@ -97,10 +142,12 @@ def read_cifar100(root: Path, coarse: bool = True) -> ClassificationSplits:
     parts = {}
     for split in ("train", "test"):
         path = _require(root / split, f"CIFAR-100 {split} file", source)
-        batch = _unpickle(path)
-        parts[split] = ClassSplit(_cifar_images(batch, path), np.asarray(batch[key], dtype=np.int64))
-    meta = _unpickle(_require(root / "meta", "CIFAR-100 meta file", source))
-    return ClassificationSplits(parts["train"], parts["test"], tuple(n.decode() for n in meta[names]))
+        batch = _unpickle(path, source)
+        images = _cifar_images(batch, path)
+        parts[split] = ClassSplit(images, _cifar_labels(batch, key, path, len(images)))
+    meta_path = _require(root / "meta", "CIFAR-100 meta file", source)
+    classes = _cifar_names(_unpickle(meta_path, source), names, meta_path)
+    return ClassificationSplits(parts["train"], parts["test"], classes)
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -7,6 +7,9 @@ center crop, images with bilinear and masks with nearest interpolation, so they 
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +32,49 @@ class Geometry:
         return offset, offset, offset + self.crop, offset + self.crop
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image file, naming the file when it cannot be read."""
+def _pixels(count: float) -> str:
+    return f"{count / 1e6:,.0f} megapixels" if count >= 1e6 else f"{count:,.0f} pixels"
+
+
+def _too_large(path: Path, exc: Exception, limit: float) -> DataError:
+    """The error for an image over Pillow's decompression-bomb limit of ``limit`` pixels."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's message is the only place the size is known
+    size = f" ({_pixels(int(found.group(1)))})" if found else ""
+    return DataError(f"image {path} is too large to decode{size}: Pillow refuses images over {_pixels(limit)} "
+                     "as possible decompression bombs; downscale it below that limit (polarocc resizes "
+                     "every image to a few hundred pixels anyway) or remove the file")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn whatever Pillow raises for a missing, broken or oversized file into a DataError naming it."""
     try:
-        img = Image.open(path)
-        img.load()
+        yield
     except FileNotFoundError as exc:
         raise DataError(f"image file {path} does not exist") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:  # not an OSError: it would escape as a traceback
+        raise _too_large(path, exc, 2 * (Image.MAX_IMAGE_PIXELS or 0)) from exc
+    except Image.DecompressionBombWarning as exc:
+        # Raised only where warnings are turned into errors (python -W error): report it like the hard limit
+        # instead of a traceback. Under the default filters Pillow merely warns and the image loads.
+        raise _too_large(path, exc, Image.MAX_IMAGE_PIXELS or 0) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # ValueError: Pillow's refusal of oversized compressed chunks ("Decompressed Data Too Large")
         raise DataError(f"cannot read image {path} ({exc}); replace or remove the file") from exc
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file, naming the file when it cannot be read."""
+    with _reading(path):
+        img = Image.open(path)
+        img.load()
     return img
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding it; errors as :func:`open_image`."""
+    with _reading(path), Image.open(path) as img:
+        return img.size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -20,12 +20,13 @@ from skimage import draw
 from skimage.transform import resize
 from tqdm import tqdm
 
+from polarocc.config import DEFECT_TYPES
+
 TEXTURE_SOURCES: dict[str, Callable[[], np.ndarray]] = {
     "brick": skdata.brick,
     "grass": skdata.grass,
     "gravel": skdata.gravel,
 }
-DEFECT_TYPES = ("scratch", "hole", "stain", "patch")
 TRAIN_FRACTION = 0.6  # share of the photo's rows reserved for training crops
 
 

@@ -1,0 +1,1 @@
+"""Saved models put to work: model files, thresholds, predict, overlays and the online stream."""

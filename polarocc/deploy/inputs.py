@@ -47,7 +47,13 @@ def collect_images(inputs: list[str], list_file: Path | None = None) -> list[Pat
     if not found:
         raise DataError("no input images: give image files, folders, glob patterns or --list")
     seen: set[Path] = set()
-    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique: list[Path] = []
+    for path in found:  # the first occurrence of each file wins, however it was spelled
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(path)
+    return unique
 
 
 def output_names(images: list[Path]) -> list[str]:

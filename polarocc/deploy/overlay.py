@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_erosion
 
+from polarocc.atomic import save_image
+
 HEAT_RANGE = (0.5, 1.5)  # colour scale as multiples of the threshold: the threshold sits mid-scale
 
 
@@ -39,7 +41,5 @@ def overlay_panels(image: np.ndarray, anomaly_map: np.ndarray, threshold: float,
 
 
 def save_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, threshold: float, score: float) -> Path:
-    """Write :func:`overlay_panels` as a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    overlay_panels(image, anomaly_map, threshold, score).save(path)
-    return path
+    """Write :func:`overlay_panels` as a PNG, atomically (a crash never leaves half a PNG)."""
+    return save_image(overlay_panels(image, anomaly_map, threshold, score), path)

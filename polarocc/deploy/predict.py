@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from polarocc.atomic import atomic_file, save_npy
 from polarocc.data.images import load_image
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
@@ -16,21 +17,30 @@ from polarocc.deploy.artefact import ModelArtefact, Threshold
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.inputs import output_names
 from polarocc.deploy.overlay import save_overlay
-from polarocc.deploy.threshold import quantile_threshold, radius_threshold, user_threshold
+from polarocc.deploy.threshold import (
+    quantile_threshold,
+    radius_threshold,
+    stream_quantile_threshold,
+    user_threshold,
+)
 from polarocc.errors import ConfigError
+from polarocc.ownership import check_replaceable, replace_folder
 
 COLUMNS = ["path", "score", "threshold", "anomalous", "map", "overlay"]
 
 
 def choose_threshold(artefact: ModelArtefact, value: float | None = None, quantile: float | None = None,
                      radius: bool = False) -> Threshold:
-    """The decision threshold: given ``value``, a ``quantile`` of the model's normal training scores, the
-    paper's radius rule, or (none given) the threshold saved with the model."""
+    """The decision threshold: given ``value``, a ``quantile`` of the model's normal scores (its training images',
+    or a stream model's window), the paper's radius rule, or (none given) the threshold saved with the model."""
     if sum(x is not None and x is not False for x in (value, quantile, radius)) > 1:
         raise ConfigError("give at most one of --threshold, --quantile and --radius-threshold")
     if value is not None:
         return user_threshold(value)
     if quantile is not None:
+        origin = artefact.normal_scores_origin()
+        if origin is not None and origin.get("source") == "stream":  # a stream model's window, not training scores
+            return stream_quantile_threshold(artefact.normal_scores, quantile, int(origin.get("carried", 0)))
         return quantile_threshold(artefact.normal_scores, quantile)
     if radius:
         return radius_threshold(float(artefact.train.get("radius", 1e-5)), bool(artefact.score["squared"]))
@@ -41,29 +51,38 @@ def choose_threshold(artefact: ModelArtefact, value: float | None = None, quanti
 
 def predict(detector: Detector, images: list[Path], out: Path, threshold: Threshold, batch_size: int = 16,
             write_maps: bool = True, progress: bool = True) -> pl.DataFrame:
-    """Score ``images``; writes ``out/scores.csv`` row by row, and per image ``out/maps/<name>.npy`` (the
-    float32 anomaly map at the model's crop size) and ``out/overlays/<name>.png``."""
+    """Score ``images`` into the folder ``out``: ``scores.csv``, and per image ``maps/<name>.npy`` (the float32
+    anomaly map at the model's crop size) and ``overlays/<name>.png``.
+
+    The whole folder is built beside ``out`` and replaces it only when complete, so a failure leaves the
+    previous output as it was and a rerun leaves no stale files. ``out`` must be absent, empty or an earlier
+    polarocc output (it carries polarocc's marker); anything else is refused before any scoring.
+    """
+    out = Path(out)
+    check_replaceable(out, "--out")
     check_files([Sample(p, 0) for p in images], progress)  # a bad file stops the run by name, before scoring
     names = output_names(images)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "scores.csv").open("w", newline="") as fh, tqdm(total=len(images), desc="predict", unit="image",
-                                                                disable=not progress) as bar:
-        writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
-        for start in range(0, len(images), batch_size):
-            paths, stems = images[start:start + batch_size], names[start:start + batch_size]
-            pixels = np.stack([load_image(p, detector.geometry) for p in paths])
-            maps, scores = detector.score(pixels)
-            for path, stem, image, anomaly_map, score in zip(paths, stems, pixels, maps, scores, strict=True):
-                map_file = overlay_file = ""
-                if write_maps:
-                    map_file = f"maps/{stem}.npy"
-                    (out / "maps").mkdir(exist_ok=True)
-                    np.save(out / map_file, anomaly_map.astype(np.float32))
-                    overlay_file = f"overlays/{stem}.png"
-                    save_overlay(out / overlay_file, image, anomaly_map, threshold.value, float(score))
-                writer.writerow([str(path), repr(float(score)), repr(threshold.value), bool(score > threshold.value),
+
+    def build(folder: Path) -> None:
+        rows: list[list[object]] = []
+        with tqdm(total=len(images), desc="predict", unit="image", disable=not progress) as bar:
+            for start in range(0, len(images), batch_size):
+                paths, stems = images[start:start + batch_size], names[start:start + batch_size]
+                pixels = np.stack([load_image(p, detector.geometry) for p in paths])
+                maps, scores = detector.score(pixels)
+                for path, stem, image, anomaly_map, score in zip(paths, stems, pixels, maps, scores, strict=True):
+                    map_file = overlay_file = ""
+                    if write_maps:
+                        map_file, overlay_file = f"maps/{stem}.npy", f"overlays/{stem}.png"
+                        save_npy(folder / map_file, anomaly_map.astype(np.float32))
+                        save_overlay(folder / overlay_file, image, anomaly_map, threshold.value, float(score))
+                    rows.append([str(path), repr(float(score)), repr(threshold.value), bool(score > threshold.value),
                                  map_file, overlay_file])
-            fh.flush()
-            bar.update(len(paths))
+                bar.update(len(paths))
+        with atomic_file(folder / "scores.csv", "w") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(COLUMNS)
+            writer.writerows(rows)
+
+    replace_folder(out, "--out", build)
     return pl.read_csv(out / "scores.csv", schema_overrides={"map": pl.String, "overlay": pl.String})

@@ -7,7 +7,8 @@ clean) the projector takes one Adam step with batch size 1, the same step as Pro
 The run can stop at any moment and resume: after every ``save_every`` images the projector, the
 optimizer's moments, the threshold window and the CSV length are written atomically to a state file.
 On resume the CSV is cut back to that length, so rows and updates after the last save are redone
-exactly once.
+exactly once. A state file or CSV that polarocc cannot recognise as its own is never truncated or deleted,
+not even with ``--restart``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,22 @@ from polarocc.config import Params
 from polarocc.data.images import load_image
 from polarocc.deploy.artefact import ModelArtefact, Threshold, save_artefact, score_settings
 from polarocc.deploy.detector import Detector
-from polarocc.deploy.threshold import quantile_threshold
-from polarocc.errors import ConfigError, DataError, ModelError
+from polarocc.deploy.threshold import quantile_threshold, stream_quantile_threshold
+from polarocc.errors import ConfigError, DataError, ModelError, UnsafePathError
 from polarocc.models.backbone import FeatureExtractor, build_extractor
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline.extract import backbone_record
+from polarocc.safe_load import torch_load_plain
 from polarocc.training.direct import hinge_loss
 from polarocc.training.optim import Adam
 
 STATE_FORMAT = "polarocc-stream-state"
 COLUMNS = ["index", "path", "score", "threshold", "decision", "learned", "updates"]
+HEADER = ",".join(COLUMNS)  # the first line of every CSV a stream writes (csv.writer adds "\r\n")
+# What to do with a state file polarocc cannot resume from and must not delete.
+STATE_FIX = ("--restart starts over, but replaces only polarocc's own state files: delete this one yourself if it "
+             "is yours, or choose another --state")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,26 @@ class StreamSettings:
 def digest(paths: list[Path]) -> str:
     """Identity of an ordered list of images (to check that a resumed run sees the same stream)."""
     return hashlib.sha256("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()
+
+
+class InputsDigest:
+    """:func:`digest` of a list that grows one image at a time: each path is resolved once, so checkpointing
+    after every image costs O(1) instead of re-hashing the whole prefix."""
+
+    def __init__(self, paths: list[Path] | tuple[Path, ...] = ()) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+        for path in paths:
+            self.add(path)
+
+    def add(self, path: Path) -> None:
+        """Append one image (the '\\n' separator of :func:`digest` goes before every path but the first)."""
+        self._hash.update((b"\n" if self.count else b"") + str(path.resolve()).encode())
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        """Equal to ``digest(paths added so far)``; adding more afterwards is allowed."""
+        return self._hash.hexdigest()
 
 
 def file_digest(path: Path) -> str:
@@ -124,6 +150,7 @@ class OnlineLearner:
         self.projector = self.detector.projector.requires_grad_(True)
         self.optimizer = Adam(self.projector.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.window: deque[float] = deque(artefact.normal_scores[-settings.window:], maxlen=settings.window)
+        self.initial = len(self.window)  # scores carried over from the model, oldest first in the window
         self.processed = 0
         self.updates = 0
 
@@ -135,6 +162,12 @@ class OnlineLearner:
         if s.quantile is not None:
             return quantile_threshold(list(self.window), s.quantile).value if self.window else None
         return None if self.artefact.threshold is None else self.artefact.threshold.value
+
+    @property
+    def carried(self) -> int:
+        """How many scores in the window are the starting model's (the rest are stream images'): every update
+        appends one score, pushing the oldest out once the window is full."""
+        return max(0, min(self.initial, self.settings.window - self.updates))
 
     def learn(self, features: torch.Tensor) -> float:
         """One optimizer step on one image's features (1, C, H, W); returns the loss before the step."""
@@ -182,39 +215,144 @@ class OnlineLearner:
         self.processed, self.updates = int(state["processed"]), int(state["updates"])
 
     def as_artefact(self) -> ModelArtefact:
-        """The model as it is now, with its current threshold, as a file for ``polarocc predict``."""
-        threshold = self.current_threshold()
-        rule = "user" if self.settings.threshold is not None else "quantile"
-        quantile = self.settings.quantile if self.settings.quantile is not None else (
-            None if self.artefact.threshold is None else self.artefact.threshold.quantile)
+        """The model as it is now, as a file for ``polarocc predict``, with the threshold it decides by and a
+        true account of it: a fixed ``--threshold`` is rule ``user``; an adaptive ``--quantile`` is rule
+        ``stream_quantile`` over the window; otherwise the model's own threshold, unchanged.
+
+        ``normal_scores`` is the window (prequential scores of the images learned from, plus any carried over
+        from the starting model); ``provenance["normal_scores"]`` says so, so a later ``predict --quantile``
+        does not call them training scores.
+        """
+        s = self.settings
+        window = list(self.window)
+        if s.threshold is not None:
+            threshold: Threshold | None = Threshold(float(s.threshold), "user")
+        elif s.quantile is not None:
+            threshold = stream_quantile_threshold(window, s.quantile, self.carried) if window else None
+        else:
+            threshold = self.artefact.threshold
+        origin = {"source": "stream", "stream": len(window) - self.carried, "carried": self.carried}
         return ModelArtefact(
             projector=self.projector.state(), center=self.artefact.center, backbone=self.artefact.backbone,
             geometry=self.artefact.geometry, feature_shape=self.artefact.feature_shape, score=self.artefact.score,
-            threshold=None if threshold is None else Threshold(threshold, rule, quantile),
-            normal_scores=list(self.window), train={**self.artefact.train, "stream_updates": self.updates},
-            provenance={**self.artefact.provenance, "stream_images": self.processed})
+            threshold=threshold, normal_scores=window, train={**self.artefact.train, "stream_updates": self.updates},
+            provenance={**self.artefact.provenance, "stream_images": self.processed, "normal_scores": origin})
 
 
-def _resume(learner: OnlineLearner, state_path: Path, csv_path: Path, images: list[Path], identity: dict) -> int:
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        raise DataError(f"{state_path} is not a polarocc stream state file")
+def read_state(path: Path) -> dict[str, Any]:
+    """A state file's dict, when it reads as a polarocc stream state (plain data carrying the format key)."""
+    state = torch_load_plain(path, ModelError, "a polarocc stream state", STATE_FIX)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ModelError(f"{path} is not a polarocc stream state file (it has no {STATE_FORMAT!r} format key); "
+                         f"{STATE_FIX}")
+    return state
+
+
+def _damaged(path: Path, detail: str) -> ModelError:
+    return ModelError(f"{path} is a damaged polarocc stream state ({detail}); pass --restart to start over")
+
+
+def _check_state(path: Path, state: dict[str, Any]) -> None:
+    """Every key :func:`_resume` reads, with the type it needs."""
+    def need(mapping: dict, key: str, test: Callable[[Any], bool], expected: str, where: str = "") -> Any:
+        name = f"{where}{key}"
+        if key not in mapping:
+            raise _damaged(path, f"the key {name!r} is missing")
+        if not test(mapping[key]):
+            raise _damaged(path, f"{name!r} is a {type(mapping[key]).__name__}, not {expected}")
+        return mapping[key]
+
+    def is_count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    identity = need(state, "identity", lambda v: isinstance(v, dict), "a dict")
+    need(identity, "model", lambda v: isinstance(v, str), "a string", "identity.")
+    need(identity, "settings", lambda v: isinstance(v, dict), "a dict", "identity.")
+    need(state, "inputs_digest", lambda v: isinstance(v, str), "a string")
+    need(state, "csv_bytes", is_count, "a byte count")
+    learner = need(state, "learner", lambda v: isinstance(v, dict), "a dict")
+    projector = need(learner, "projector", lambda v: isinstance(v, dict), "a dict", "learner.")
+    need(projector, "weight", lambda v: isinstance(v, torch.Tensor), "a tensor", "learner.projector.")
+    need(projector, "bias", lambda v: v is None or isinstance(v, torch.Tensor), "a tensor or None",
+         "learner.projector.")
+    need(learner, "optimizer", lambda v: isinstance(v, dict), "a dict", "learner.")
+    need(learner, "window", lambda v: isinstance(v, list | tuple) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in v), "a list of numbers", "learner.")
+    for key in ("processed", "updates"):
+        need(learner, key, is_count, "a count", "learner.")
+
+
+def is_stream_csv(path: Path) -> bool:
+    """True for an empty file or one whose first line is the stream's header: a CSV ``polarocc stream`` wrote."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as fh:
+        first = fh.readline(len(HEADER) + 3)
+    return first == b"" or first.rstrip(b"\r\n") == HEADER.encode()
+
+
+def _not_stream_csv(csv_path: Path) -> UnsafePathError:
+    return UnsafePathError(f"--csv: {csv_path} is not a CSV written by polarocc stream (its first line is not "
+                           f"{HEADER!r}); polarocc never overwrites or deletes files it did not create. Choose "
+                           "another --csv, or remove that file yourself")
+
+
+def _is_state_file(path: Path) -> bool:
+    try:
+        read_state(path)
+    except ModelError:
+        return False
+    return path.is_file()
+
+
+def _check_restartable(state_path: Path, csv_path: Path) -> None:
+    """--restart deletes only polarocc's own state file and CSV; both are checked before either is deleted."""
+    if (state_path.exists() or state_path.is_symlink()) and not _is_state_file(state_path):
+        raise UnsafePathError(f"--state: {state_path} is not a polarocc stream state file (unreadable, truncated or "
+                              "foreign); --restart deletes only polarocc's own state files and CSVs. Remove it "
+                              "yourself, or choose another --state")
+    if (csv_path.exists() or csv_path.is_symlink()) and not is_stream_csv(csv_path):
+        raise _not_stream_csv(csv_path)
+
+
+def _resume(learner: OnlineLearner, state_path: Path, csv_path: Path, images: list[Path], identity: dict,
+            inputs: InputsDigest) -> int:
+    """Restore ``learner`` from the state file and cut the CSV back to it; feeds the processed images to
+    ``inputs``. Returns how many images were processed."""
+    state = read_state(state_path)
+    _check_state(state_path, state)
     for key, value in identity.items():
-        if state["identity"][key] != value:
+        if state["identity"].get(key) != value:
             raise ConfigError(f"cannot resume from {state_path}: its {key} differs from this run's "
-                              f"({state['identity'][key]!r} != {value!r}); pass the same model and options, "
+                              f"({state['identity'].get(key)!r} != {value!r}); pass the same model and options, "
                               "or --restart")
     processed = int(state["learner"]["processed"])
-    if processed > len(images) or digest(images[:processed]) != state["inputs_digest"]:
+    if processed <= len(images):
+        for path in images[:processed]:
+            inputs.add(path)
+    if processed > len(images) or inputs.hexdigest() != state["inputs_digest"]:
         raise DataError(f"cannot resume from {state_path}: the first {processed} input images differ from the "
                         "ones already processed (files renamed, removed or reordered); pass --restart to begin again")
     if not csv_path.is_file() or csv_path.stat().st_size < state["csv_bytes"]:
         raise DataError(f"cannot resume: {csv_path} is missing or shorter than the state file records; "
                         "pass --restart to begin again")
+    if not is_stream_csv(csv_path):  # the state may be ours while --csv names someone else's file
+        raise _not_stream_csv(csv_path)
+    try:
+        learner.restore(state["learner"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # optimizer/projector state of another shape
+        reason = " ".join(str(exc).split())[:200]
+        raise _damaged(state_path, f"it does not fit this model: {type(exc).__name__}: {reason}") from exc
     with csv_path.open("r+b") as fh:  # drop rows written after the last saved state: they are redone
         fh.truncate(state["csv_bytes"])
-    learner.restore(state["learner"])
     return processed
+
+
+def _check_kinds(state_path: Path, csv_path: Path) -> None:
+    """A folder (or other non-file) where the state file or CSV goes cannot be written or resumed from."""
+    for option, path in (("--state", state_path), ("--csv", csv_path)):
+        if path.exists() and not path.is_file():
+            raise UnsafePathError(f"{option}: {path} exists and is not a file; choose a file path")
 
 
 def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state_path: Path, model_path: str,
@@ -222,17 +360,23 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
                on_image: Callable[[int], None] | None = None) -> dict[str, int]:
     """Process ``images`` in order with test-then-train, appending a CSV row per image.
 
-    Resumes from ``state_path`` when it exists (unless ``restart``). ``on_image(index)`` runs after each
-    image's row and state are written. Returns counts of images processed in this call and in total.
+    Resumes from ``state_path`` when it exists (unless ``restart``, which first deletes the state file and
+    CSV, and only when both are polarocc's). ``on_image(index)`` runs after each image's row and state are
+    written. Returns counts of images processed in this call and in total.
     """
     identity = {"model": model_path, "settings": asdict(learner.settings)}
+    _check_kinds(state_path, csv_path)
     if restart:
+        _check_restartable(state_path, csv_path)
         for path in (state_path, csv_path):
             path.unlink(missing_ok=True)
     start = 0
+    inputs = InputsDigest()  # digest of images[:learner.processed], kept up to date image by image
     if state_path.is_file():
-        start = _resume(learner, state_path, csv_path, images, identity)
+        start = _resume(learner, state_path, csv_path, images, identity, inputs)
     elif csv_path.is_file() and csv_path.stat().st_size:
+        if not is_stream_csv(csv_path):
+            raise _not_stream_csv(csv_path)
         raise DataError(f"{csv_path} exists but there is no state file {state_path} to resume from; pass --restart "
                         "to overwrite it, or choose another --csv")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,13 +392,13 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
             fh.flush()
             os.fsync(fh.fileno())
             torch_save_atomic({"format": STATE_FORMAT, "identity": identity, "learner": learner.state(),
-                               "inputs_digest": digest(images[:learner.processed]), "csv_bytes": fh.tell()},
-                              state_path)
+                               "inputs_digest": inputs.hexdigest(), "csv_bytes": fh.tell()}, state_path)
 
         if start == 0:
             checkpoint()
         for index in range(start, len(images)):
             row = learner.step(load_image(images[index], geometry))
+            inputs.add(images[index])
             threshold = "" if row["threshold"] is None else repr(float(row["threshold"]))
             writer.writerow([index, str(images[index]), repr(row["score"]), threshold, row["decision"],
                              row["learned"], learner.updates])

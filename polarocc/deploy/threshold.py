@@ -22,6 +22,13 @@ def quantile_threshold(normal_scores: np.ndarray | list[float], quantile: float)
     return Threshold(float(np.quantile(scores, quantile, method="higher")), "quantile", float(quantile))
 
 
+def stream_quantile_threshold(window: list[float], quantile: float, carried: int = 0) -> Threshold:
+    """The ``quantile`` of the scores in a stream's window (prequential scores of the images it learned from;
+    the oldest ``carried`` of them carried over from the starting model's normal scores)."""
+    value = quantile_threshold(window, quantile).value
+    return Threshold(value, "stream_quantile", float(quantile), window=len(window), carried=int(carried))
+
+
 def radius_threshold(radius: float, squared: bool) -> Threshold:
     """The paper's rule d > R (R = 1e-5): on the score scale, R^2 for squared maps, else R.
 

@@ -1,0 +1,1 @@
+"""Feature extraction into resumable zarr stores, in process or on a dask cluster."""

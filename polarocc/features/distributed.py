@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from distributed import WorkerPlugin
 from tqdm import tqdm
 
 from polarocc.data.images import Geometry, resize_crop
@@ -45,7 +46,6 @@ class WorkerSpec:
     batch_size: int
     dtype: str
     device: str
-    threads: int
     pooled: bool = False  # Protocol A: the whole classifier read out before its last layer (layers, pool unused)
 
     def key(self) -> str:
@@ -57,7 +57,6 @@ def worker_runner(spec: WorkerSpec) -> CategoryExtractor:
     """This process's extractor for ``spec``, built on first use."""
     key = spec.key()
     if key not in _RUNNERS:
-        torch.set_num_threads(spec.threads)
         extractor = (build_pooled_extractor(spec.name, spec.weights, spec.mean, spec.std) if spec.pooled
                      else build_extractor(spec.name, spec.layers, spec.pool, spec.weights, spec.mean, spec.std))
         _RUNNERS[key] = CategoryExtractor(extractor, Geometry(spec.resize, spec.crop), spec.batch_size, spec.dtype,
@@ -83,15 +82,31 @@ def extract_shard(spec: WorkerSpec, store: str, split: str, shard: int, records:
     return shard
 
 
+class TorchThreads(WorkerPlugin):
+    """Worker plugin: every worker (already running or joining later) uses ``threads`` torch threads."""
+
+    name = "polarocc-torch-threads"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:
+        torch.set_num_threads(self.threads)
+
+
 def make_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool = False):
-    """A dask client: a LocalCluster of ``workers`` processes, or the scheduler at an address."""
+    """A dask client: a LocalCluster of ``workers`` processes, or the scheduler at an address; every worker runs
+    one task at a time with ``threads_per_worker`` torch threads (the backbone is the parallel part)."""
     from dask.distributed import Client, LocalCluster
 
     if scheduler == "local":
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                resources={"GPU": 1} if gpu else None)
-        return Client(cluster)
-    return Client(scheduler)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    client.register_plugin(TorchThreads(threads_per_worker))
+    return client
 
 
 @contextmanager

@@ -19,15 +19,6 @@ from polarocc.features import store as fs
 from polarocc.models.backbone import FeatureExtractor
 
 
-def pick_device(requested: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return requested
-
-
 def read_category(root: Path, category: str, check: bool = True, progress: bool = True) -> dict[str, list[Sample]]:
     """Train and test samples of one MVTec-layout category; with ``check``, every file is decoded first."""
     samples = {split: read_split(root, category, split) for split in fs.SPLITS}

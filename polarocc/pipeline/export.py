@@ -11,8 +11,8 @@ from tqdm import tqdm
 from polarocc.config import Params, validate_norm
 from polarocc.deploy.artefact import ModelArtefact, save_artefact, score_settings
 from polarocc.deploy.threshold import quantile_threshold
+from polarocc.device import pick_device
 from polarocc.errors import ModelError
-from polarocc.features.extract import pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
@@ -43,10 +43,9 @@ def export_variant(params: Params, norm: float, distribution: str, dataset: str,
         raise ModelError(f"dataset {dataset!r} has no Protocol B models (declared: {known}); Protocol A models "
                          "score pooled whole-image features and cannot be exported for predict yet")
     store = FeatureStore(paths.feature_store(params, dataset, category))
-    projector, center, meta = load_model(paths.model_file(params, norm, distribution, dataset, category))
-    if meta["store_fingerprint"] != store.attrs["fingerprint"]:
-        raise ModelError(f"model {distribution}/{dataset}/{category} at norm {norm:g} was trained on other "
-                         "features than the current store; rerun the train stage")
+    path = paths.model_file(params, norm, distribution, dataset, category)
+    projector, center, meta = load_model(path)
+    store.check_trained_on(meta["store_fingerprint"], str(path))
     train = {**meta["train"], "history": meta["history"]}
     provenance = {"protocol": meta["protocol"], "dataset": dataset, "category": category,
                   "distribution": distribution, "norm": norm}
@@ -56,7 +55,7 @@ def export_variant(params: Params, norm: float, distribution: str, dataset: str,
 
 def run_export(params: Params, progress: bool = True) -> list[Path]:
     """Save the default center variant of every Protocol B category."""
-    device = pick_device(params.score.device)
+    device = pick_device(params.score.device, "score.device")
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     return [export_variant(params, params.center.norm, params.center.distribution, dataset, category,
                            device=device)

@@ -6,13 +6,14 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from polarocc.config import BackboneConfig, Params, check_backbone_known, check_datasets_exist
+from polarocc.config import BackboneConfig, Params, check_datasets_exist
 from polarocc.data.images import Geometry
+from polarocc.device import pick_device
 from polarocc.errors import ConfigError
 from polarocc.features import store as fs
 from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
-from polarocc.features.extract import CategoryExtractor, extract_category, pick_device, read_category
-from polarocc.models.backbone import FeatureSpec, build_extractor
+from polarocc.features.extract import CategoryExtractor, extract_category, read_category
+from polarocc.models.backbone import FeatureSpec, build_extractor, check_model_name
 from polarocc.pipeline import paths
 
 
@@ -29,7 +30,7 @@ def run_extract(params: Params, dataset: str, progress: bool = True,
     """
     if dataset not in params.datasets:
         raise ConfigError(f"dataset {dataset!r} is not declared under params key 'datasets'")
-    check_backbone_known(params)
+    check_model_name(params.backbone.name)
     check_datasets_exist(params)
     ds = params.datasets[dataset]
     root = paths.dataset_root(params, dataset)
@@ -42,7 +43,7 @@ def run_extract(params: Params, dataset: str, progress: bool = True,
     spec = extractor.spec(b.crop)
     layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
                             e.compressor, e.level)
-    device = pick_device(e.device)
+    device = pick_device(e.device, "extract.device")
     backbone = backbone_record(b, spec)
     if e.scheduler != "inprocess":
         return _extract_on_cluster(params, dataset, samples, layout, backbone, device, progress)
@@ -59,7 +60,7 @@ def _extract_on_cluster(params: Params, dataset: str, samples: dict, layout: fs.
                         device: str, progress: bool) -> dict[str, dict[str, int]]:
     b, e = params.backbone, params.extract
     spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, tuple(backbone["mean"]), tuple(backbone["std"]),
-                      b.resize, b.crop, e.batch_size, e.dtype, device, e.threads_per_worker)
+                      b.resize, b.crop, e.batch_size, e.dtype, device)
     with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
         return {cat: extract_category_distributed(client, spec, samples[cat], layout, backbone,
                                                   paths.feature_store(params, dataset, cat),

@@ -8,7 +8,6 @@ checkpoints leave the training trajectory untouched.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import replace
 
@@ -17,12 +16,12 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from polarocc.atomic import write_csv, write_json
 from polarocc.config import Params, ScoreConfig, TrainConfig
 from polarocc.deploy.artefact import save_artefact
+from polarocc.device import pick_device
 from polarocc.errors import ConfigError
-from polarocc.features.extract import pick_device
 from polarocc.features.store import FeatureStore
-from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
 from polarocc.pipeline.export import build_artefact
@@ -76,7 +75,7 @@ def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tu
     n_train = store.features("train").shape[0]
     distribution = params.center.distribution
     # The same center fit_store draws (cold start: no data involved).
-    center = make_center(distribution, params.center.norm, store.channels, params.center.seed)
+    center = store.centers((distribution,), params.center.norm, params.center.seed)[distribution]
     curve = LearningCurve(store, center, params.score, checkpoints(n_train), device)
     [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
                                                online_config(params), curve).values()
@@ -107,7 +106,7 @@ def run_online(params: Params, dataset: str, progress: bool = True) -> dict[str,
     if dataset not in params.protocol_c.datasets:
         raise ConfigError(f"dataset {dataset!r} is not listed under params key 'protocol_c.datasets'")
     torch.set_num_threads(os.cpu_count() or 1)
-    device = pick_device(params.score.device)
+    device = pick_device(params.score.device, "score.device")
     results: dict[str, dict] = {}
     for category in tqdm(params.datasets[dataset].categories, desc=f"online {dataset}", unit="category",
                          disable=not progress):
@@ -119,13 +118,10 @@ def run_online(params: Params, dataset: str, progress: bool = True) -> dict[str,
         train = {**vars(online_config(params)), "history": history.to_dict()}
         save_artefact(paths.online_model(params, dataset, category),
                       build_artefact(projector, center, store, params, train, provenance, device))
-    report = paths.online_report(params, dataset)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({"dataset": dataset, "device": device, "results": results}, indent=1))
+    write_json(paths.online_report(params, dataset), {"dataset": dataset, "device": device, "results": results})
     table = curve_table(results, dataset)
-    table.write_csv(paths.learning_curve_csv(params, dataset))
-    mean_curve = paths.mean_learning_curve_csv(params, dataset)
-    mean_curve.parent.mkdir(parents=True, exist_ok=True)
-    table.filter(pl.col("category") == "mean").select(["seen", "image_auroc", "pixel_auroc"]).write_csv(mean_curve)
+    write_csv(table, paths.learning_curve_csv(params, dataset))
+    write_csv(table.filter(pl.col("category") == "mean").select(["seen", "image_auroc", "pixel_auroc"]),
+              paths.mean_learning_curve_csv(params, dataset))
     learning_curve_plot(table, paths.learning_curve_plot(params, dataset))
     return results

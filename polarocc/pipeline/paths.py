@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 from polarocc.config import Params, norm_label, resolve
+from polarocc.errors import UnsafePathError
+from polarocc.ownership import check_replaceable, inside
 
 FEATURES = Path("data/features")
 PARTIAL = Path("data/.partial")
@@ -106,3 +110,32 @@ def tsne_plot(params: Params, dataset: str) -> Path:
 def overlay_plot(params: Params, dataset: str, category: str) -> Path:
     """Anomaly-map overlays of a fixed selection of test images of one category."""
     return params.root / REPORTS / "plots" / "analysis" / f"overlays_{dataset}_{file_stem(category)}.png"
+
+
+def embedded_output(params: Params) -> Path:
+    """The folder the ``prepare`` stage writes (``embedded_data.output``), checked to lie inside the project and
+    to be replaceable: absent, empty, marked as polarocc's, or recorded as an output in dvc.lock."""
+    key = "embedded_data.output"
+    out = inside(params.root, resolve(params, params.embedded_data.output), key)
+    if out == params.root.resolve():
+        raise UnsafePathError(f"{key}: the project folder itself cannot be the generated dataset; use data/textures")
+    check_replaceable(out, key, recorded_outputs(params.root))
+    return out
+
+
+def recorded_outputs(root: Path) -> frozenset[Path]:
+    """Outputs dvc.lock records for this project (resolved): folders DVC made from this project's stages."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return frozenset()
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return frozenset()
+    return frozenset((Path(root) / out["path"]).resolve() for stage in stages.values() if isinstance(stage, dict)
+                     for out in stage.get("outs", []) if isinstance(out, dict) and "path" in out)
+
+
+def params_check(params: Params) -> Path:
+    """The output of the ``validate`` stage, on which every other stage depends."""
+    return params.root / REPORTS / "params_check.json"

@@ -3,16 +3,15 @@ features and with the same maps, smoothing, reductions and metrics as the traine
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc.atomic import write_json
 from polarocc.config import Params
 from polarocc.features.store import FeatureStore
-from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.peers.padim import PaDiM
 from polarocc.peers.patchcore import PatchCore
@@ -24,22 +23,21 @@ from polarocc.scoring.maps import finish_maps, project
 class UntrainedProjector:
     """The control: the projector as initialised, before any training, with the default center."""
 
-    def __init__(self, params: Params, channels: int, feature_mean: np.ndarray | None) -> None:
-        c = params.center
-        self.projector = Projector(channels, params.projector.kind, params.projector.bias, seed=params.train.seed)
-        self.center = make_center(c.distribution, c.norm, channels, c.seed, feature_mean=feature_mean)
+    def __init__(self, params: Params, center: torch.Tensor) -> None:
+        self.projector = Projector(center.numel(), params.projector.kind, params.projector.bias, seed=params.train.seed)
+        self.center = center
         self.squared = params.score.squared
 
     def distance_maps(self, features: torch.Tensor) -> torch.Tensor:
         return project(self.projector, self.center, features.float(), self.squared)[1]
 
 
-def fit_peer(method: str, params: Params, train_batches, channels: int, feature_mean: np.ndarray | None,
-             image_level: bool):
-    """A fitted peer from normal training features given as an iterable of (B, C, h, w) arrays."""
+def fit_peer(method: str, params: Params, train_batches, center: torch.Tensor, image_level: bool):
+    """A fitted peer from normal training features given as an iterable of (B, C, h, w) arrays; ``center`` is the
+    default variant's (used by the untrained projector)."""
     pe = params.peers
     if method == "untrained":
-        return UntrainedProjector(params, channels, feature_mean)
+        return UntrainedProjector(params, center)
     if method == "padim":
         peer = PaDiM(pe.padim_channels or None, pe.padim_covariance, pe.padim_eps, params.center.seed)
         for batch in train_batches:
@@ -55,8 +53,9 @@ def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
     """Metrics of one peer on one Protocol B category."""
     crop = int(store.attrs["geometry"]["crop"])
     s = params.score
-    peer = fit_peer(method, params, (f for _, f in store.batches("train")), store.channels,
-                    store.feature_mean() if params.center.distribution == "feature_mean" else None, False)
+    c = params.center
+    peer = fit_peer(method, params, (f for _, f in store.batches("train")),
+                    store.centers((c.distribution,), c.norm, c.seed)[c.distribution], False)
     [pixel] = pixel_accumulators(store, 1, s)
     scores = []
     for indices, features in store.batches("test"):
@@ -75,9 +74,9 @@ def peer_classes(params: Params, dataset: str, method: str) -> dict[str, dict]:
     test, test_labels, defective = protocol_a.load_split(store, "test")
     out = {}
     for name, label in protocol_a.chosen_classes(store, ds):
-        own = train[train_labels == label]
-        mean = own.mean(axis=(0, 2, 3)) if params.center.distribution == "feature_mean" else None
-        peer = fit_peer(method, params, [own], own.shape[1], mean, True)
+        own = protocol_a.class_features(train, train_labels, label)
+        c = params.center
+        peer = fit_peer(method, params, [own], protocol_a.class_center(own, c.distribution, c.norm, c.seed), True)
         rows, anomalous = protocol_a.class_targets(test_labels, label, defective if ds.format == "mvtec" else None)
         scores = peer.distance_maps(torch.from_numpy(test[rows]))[:, 0, 0].double().numpy()
         out[name] = protocol_a.image_metrics(anomalous, scores)
@@ -95,7 +94,5 @@ def run_peers(params: Params, progress: bool = True) -> dict:
     for method in params.peers.methods:
         for dataset in params.protocol_a.datasets:
             results.setdefault(method, {})[dataset] = peer_classes(params, dataset, method)
-    out = paths.peers_report(params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results}, indent=1))
+    write_json(paths.peers_report(params), {"results": results})
     return results

@@ -1,21 +1,23 @@
-"""Stage ``prepare``: validate every param and dataset path, then write the embedded textures dataset."""
+"""Stage ``prepare``: write the embedded textures dataset (``embedded_data``) as a whole."""
 
 from __future__ import annotations
 
-import shutil
-
-from polarocc.config import Params, check_backbone_known, check_datasets_exist, resolve
+from polarocc.config import Params
 from polarocc.data.textures import TextureSpec, make_textures
+from polarocc.ownership import replace_folder
+from polarocc.pipeline import paths
 
 
 def run_prepare(params: Params) -> dict[str, dict[str, int]]:
-    """Fail on bad params before anything is computed; then (re)generate ``textures.output``."""
-    check_backbone_known(params)
-    check_datasets_exist(params)
-    t = params.textures
-    out = resolve(params, t.output)
-    if out.exists():
-        shutil.rmtree(out)
+    """(Re)generate ``embedded_data.output``: built beside it and swapped in only when complete.
+
+    The folder must lie inside the project and be absent, empty or polarocc's own; anything else is
+    refused before anything is written.
+    """
+    out = paths.embedded_output(params)
+    t = params.embedded_data
     spec = TextureSpec(train=t.train, test_good=t.test_good, defects_per_type=t.defects_per_type,
                        defect_types=t.defect_types, crop=t.crop, image_size=t.image_size)
-    return make_textures(out, t.categories, spec, t.seed)
+    return replace_folder(out, "embedded_data.output", lambda staging: make_textures(staging, t.categories, spec,
+                                                                                     t.seed),
+                          paths.recorded_outputs(params.root))

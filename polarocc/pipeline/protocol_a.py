@@ -15,7 +15,6 @@ from polarocc.config import (
     ClassificationDatasetConfig,
     Params,
     TrainConfig,
-    check_backbone_known,
     check_protocol_a_paths,
     resolve,
 )
@@ -32,12 +31,13 @@ from polarocc.data.classification import (
 from polarocc.data.images import Geometry, resize_crop
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
+from polarocc.device import pick_device
 from polarocc.errors import DataError
 from polarocc.features import store as fs
 from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
-from polarocc.features.extract import CategoryExtractor, extract_category, pick_device
+from polarocc.features.extract import CategoryExtractor, extract_category
 from polarocc.features.store import FeatureStore
-from polarocc.models.backbone import build_pooled_extractor
+from polarocc.models.backbone import build_pooled_extractor, check_model_name
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
@@ -84,6 +84,13 @@ def check_dataset(params: Params, dataset: str, progress: bool = True) -> dict:
     empty = [name for name in classes if counts[data.classes.index(name)] == 0]
     if empty:
         raise DataError(f"class(es) {', '.join(empty)} of protocol_a.datasets.{dataset} have no training images")
+    defective = None if data.test.kinds is None else np.array([k != "good" for k in data.test.kinds])
+    for name in classes:
+        _, anomalous = class_targets(data.test.labels, data.classes.index(name), defective)
+        if anomalous.all() or not anomalous.any():
+            lacking = "normal" if anomalous.all() else "anomalous"
+            raise DataError(f"protocol_a.datasets.{dataset} class {name}: the test split holds no {lacking} images "
+                            "for it; image ROC AUC needs both")
     return {"classes": classes, "train": len(data.train), "test": len(data.test)}
 
 
@@ -139,7 +146,7 @@ def _digest(data: ClassificationSplits) -> str:
 
 def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[str, int]:
     """Pooled features of every train and test image of a Protocol A dataset into one store."""
-    check_backbone_known(params)
+    check_model_name(params.backbone.name)
     ds, data, _ = _load_declared(params, dataset)
     samples = {"train": _samples(data.train, data.classes, "train"), "test": _samples(data.test, data.classes, "test")}
     b, e, a = params.backbone, params.extract, params.protocol_a
@@ -149,14 +156,14 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
     layout = fs.StoreLayout(spec.channels, 1, 1, a.crop, "float32", max(e.shard_images, 64), e.compressor, e.level,
                             image_level=True)
     in_memory = not isinstance(data.train.images, list)
-    device = pick_device(e.device)
+    device = pick_device(e.device, "extract.device")
     backbone = {"name": b.name, "weights": b.weights, "pooled": True, "mean": list(spec.mean),
                 "std": list(spec.std), "classes": list(data.classes), "dataset_format": ds.format,
                 "data_digest": _digest(data)}
     final, partial = paths.feature_store(params, dataset, STORE_NAME), paths.partial_store(params, dataset, STORE_NAME)
     if e.scheduler != "inprocess":
         worker = WorkerSpec(b.name, (), 0, b.weights, tuple(spec.mean), tuple(spec.std), a.resize, a.crop,
-                            e.batch_size, "float32", device, e.threads_per_worker, pooled=True)
+                            e.batch_size, "float32", device, pooled=True)
         with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
             return extract_category_distributed(client, worker, samples, layout, backbone, final, partial, progress,
                                                 _raw_images(data) if in_memory else None)
@@ -181,15 +188,25 @@ def train_config(params: Params) -> TrainConfig:
     return replace(params.train, epochs=params.protocol_a.epochs, batch_size=params.protocol_a.batch_size)
 
 
+def class_features(features: np.ndarray, labels: np.ndarray, label: int) -> np.ndarray:
+    """The training features of one class (the normal class of a one-vs-rest model)."""
+    own = features[labels == label]
+    if len(own) == 0:
+        raise DataError(f"class index {label} has no training images")
+    return own
+
+
+def class_center(own: np.ndarray, distribution: str, norm: float, seed: int) -> torch.Tensor:
+    """The center of a Protocol A variant: ``feature_mean`` is the mean of the class's own training features."""
+    return make_center(distribution, norm, own.shape[1], seed, feature_mean=lambda: own.mean(axis=(0, 2, 3)))
+
+
 def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
               distribution: str, on_step: Callable[[int, Projector], None] | None = None,
               ) -> tuple[Projector, torch.Tensor, TrainHistory]:
     """Train on one class's training images (direct trainer: one feature vector per image)."""
-    own = features[labels == label]
-    if len(own) == 0:
-        raise DataError(f"class index {label} has no training images")
-    mean = own.mean(axis=(0, 2, 3)) if distribution == "feature_mean" else None
-    center = make_center(distribution, norm, own.shape[1], params.center.seed, feature_mean=mean)
+    own = class_features(features, labels, label)
+    center = class_center(own, distribution, norm, params.center.seed)
     cfg = train_config(params)
     projector = Projector(own.shape[1], params.projector.kind, params.projector.bias, seed=cfg.seed)
     history = train_direct(projector, center, lambda idx: own[np.sort(idx)], len(own), cfg,
@@ -254,8 +271,7 @@ def score_all(params: Params, norm: float, load_model) -> dict:
             for distribution in params.sweep.distributions:
                 path = paths.model_file(params, norm, distribution, dataset, name)
                 projector, center, meta = load_model(path)
-                if meta["store_fingerprint"] != store.attrs["fingerprint"]:
-                    raise RuntimeError(f"model {path} was trained on other features; rerun the train stage")
+                store.check_trained_on(meta["store_fingerprint"], str(path))
                 results.setdefault(distribution, {}).setdefault(dataset, {})[name] = score_class(
                     features, labels, label, projector, center, params.score.squared, within)
     return results

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+from polarocc.atomic import write_csv, write_text
 from polarocc.config import Params
 from polarocc.pipeline import paths
 from polarocc.reports.analysis_tables import (
@@ -32,9 +33,8 @@ def _link(report: Path, target: Path, text: str) -> str:
 
 def write_curves(table: pl.DataFrame, folder: Path, x: str, columns: list[str]) -> None:
     """One CSV per dataset with ``x`` and ``columns`` (the sources of the ``dvc plots`` definitions)."""
-    folder.mkdir(parents=True, exist_ok=True)
     for (dataset,), part in table.group_by(["dataset"], maintain_order=True):
-        part.select([x, *columns]).sort(x).write_csv(folder / f"{dataset}.csv")
+        write_csv(part.select([x, *columns]).sort(x), folder / f"{dataset}.csv")
 
 
 def run_report(params: Params) -> Path:
@@ -46,12 +46,12 @@ def run_report(params: Params) -> Path:
     cosines = json.loads((analysis / "cosines.json").read_text())
 
     feasibility = feasibility_table(results, cosines, params)
-    feasibility.write_csv(reports / "feasibility.csv")
+    write_csv(feasibility, reports / "feasibility.csv")
     agreement = feasibility_agreement(feasibility)
     feasibility_plot(feasibility, plots / "feasibility.png")
 
     polar = polar_table(params)
-    polar.write_csv(analysis / "polar.csv")
+    write_csv(polar, analysis / "polar.csv")
     default_polar = polar.filter(pl.col("distribution") == params.center.distribution)
     polar_plot(default_polar, plots / "polar.png")
     write_curves(default_polar, reports / "polar_curves", "norm",
@@ -59,9 +59,9 @@ def run_report(params: Params) -> Path:
                   "cosine_normal_anomalous"])
 
     history = history_table(params)
-    history.write_csv(analysis / "training_history.csv")
+    write_csv(history, analysis / "training_history.csv")
     budget = budget_table(analysis / "budget.json")
-    budget.write_csv(analysis / "budget.csv")
+    write_csv(budget, analysis / "budget.csv")
     means = budget_means(budget)
     budget_plot(history.filter(pl.col("distribution") == params.center.distribution), means, plots / "budget.png")
     wide = means.pivot(on="bias", index=["dataset", "epoch"], values="image_auroc").rename(
@@ -131,5 +131,5 @@ def run_report(params: Params) -> Path:
             "`dvc repro`; the numbers come from `reports/results.csv`.", ""]
     for title, (summary, body) in sections.items():
         text += [f"## {title}", "", summary, "", body, ""]
-    report.write_text("\n".join(text))
+    write_text(report, "\n".join(text))
     return report

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -10,8 +9,9 @@ import torch
 from tqdm import tqdm
 
 from polarocc.analysis.polar import PolarAccumulator, store_position_labels
+from polarocc.atomic import write_json
 from polarocc.config import Params, ScoreConfig, validate_norm
-from polarocc.features.extract import pick_device
+from polarocc.device import pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths, protocol_a
@@ -83,17 +83,16 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
     """Score every distribution x dataset category at one norm and write the norm's metrics JSON."""
     norm = validate_norm(norm, "norm")
     torch.set_num_threads(os.cpu_count() or 1)
-    device = pick_device(params.score.device)
+    device = pick_device(params.score.device, "score.device")
     results: dict[str, dict] = {}
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     for dataset, category in tqdm(jobs, desc=f"score norm {norm:g}", unit="category", disable=not progress):
         store = FeatureStore(paths.feature_store(params, dataset, category))
         models = []
         for distribution in params.sweep.distributions:
-            projector, center, meta = load_model(paths.model_file(params, norm, distribution, dataset, category))
-            if meta["store_fingerprint"] != store.attrs["fingerprint"]:
-                raise RuntimeError(f"model {distribution}/{dataset}/{category} at norm {norm:g} was trained on "
-                                   "other features; rerun the train stage")
+            path = paths.model_file(params, norm, distribution, dataset, category)
+            projector, center, meta = load_model(path)
+            store.check_trained_on(meta["store_fingerprint"], str(path))
             models.append((projector, center))
         polar = [PolarAccumulator(center) for _, center in models]
         pixel = pixel_accumulators(store, len(models), params.score)
@@ -106,7 +105,5 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
     for distribution, per_dataset in protocol_a.score_all(params, norm, load_model).items():
         for dataset, per_class in per_dataset.items():
             results.setdefault(distribution, {}).setdefault(dataset, {}).update(per_class)
-    out = paths.norm_scores(params, norm)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"norm": norm, "device": device, "results": results}, indent=1))
+    write_json(paths.norm_scores(params, norm), {"norm": norm, "device": device, "results": results})
     return results

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -12,13 +11,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from polarocc.atomic import torch_save_atomic
+from polarocc.atomic import torch_save_atomic, write_json
 from polarocc.config import Params, TrainConfig, validate_norm
-from polarocc.errors import NumericalError
+from polarocc.errors import MissingOutputError, ModelError, NumericalError
 from polarocc.features.store import FeatureStore
-from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths, protocol_a
+from polarocc.safe_load import torch_load_plain
 from polarocc.training.certify import certified_min_distance_sq
 from polarocc.training.direct import train_direct
 from polarocc.training.gram import ShortcutInvalid, train_gram
@@ -40,8 +39,7 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     cfg = cfg or params.train
     channels = store.channels
     dtype = DTYPES[cfg.dtype]
-    mean = store.feature_mean() if "feature_mean" in distributions else None
-    centers = {d: make_center(d, norm, channels, params.center.seed, feature_mean=mean) for d in distributions}
+    centers = store.centers(distributions, norm, params.center.seed)
     train_features = store.features("train")
 
     def fresh() -> Projector:
@@ -104,12 +102,20 @@ def save_model(path: Path, projector: Projector, center: torch.Tensor, meta: dic
 
 
 def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
-    """Inverse of :func:`save_model`: (projector, center, metadata)."""
+    """Inverse of :func:`save_model`: (projector, center, metadata). Only tensors and plain data are read."""
     if not path.is_file():
-        raise FileNotFoundError(f"no trained model at {path}: run the train stage (dvc repro train)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    projector = Projector.from_state(state.pop("projector"), dtype=torch.float32)
-    return projector, state.pop("center"), state
+        raise MissingOutputError(f"no trained model at {path}: run the train stage (dvc repro train)")
+    fix = "rerun the train stage (dvc repro train)"
+    state = torch_load_plain(path, ModelError, "a trained projector", fix)
+    try:
+        projector = Projector.from_state(state.pop("projector"), dtype=torch.float32)
+        center = state.pop("center")
+    except (AttributeError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"{path} is not a trained projector of this pipeline ({type(exc).__name__}: {exc}); "
+                         f"{fix}") from exc
+    if not isinstance(center, torch.Tensor) or not isinstance(state.get("store_fingerprint"), str):
+        raise ModelError(f"{path} lacks its center or store fingerprint; {fix}")
+    return projector, center, state
 
 
 def _save(params: Params, norm: float, protocol: str, distribution: str, dataset: str, category: str,
@@ -138,6 +144,5 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     for distribution, dataset, name, store, *fitted in protocol_a.fit_all(params, norm):
         _save(params, norm, "A", distribution, dataset, name, store, tuple(fitted),
               protocol_a.train_config(params), histories)
-    out = paths.model_dir(params, norm) / "history.json"
-    out.write_text(json.dumps(histories, indent=1))
+    write_json(paths.model_dir(params, norm) / "history.json", histories)
     return histories

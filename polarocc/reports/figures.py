@@ -12,13 +12,13 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from polarocc.atomic import save_figure, save_image
 from polarocc.deploy.overlay import overlay_panels
 
 
 def _save(fig, out: Path) -> Path:
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 
@@ -37,9 +37,7 @@ def overlay_grid(images: list[np.ndarray], maps: list[np.ndarray], scores: list[
         top = i * (height + label)
         draw.text((4, top + 2), title, fill=(0, 0, 0))
         canvas.paste(row, (0, top + label))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
-    return out
+    return save_image(canvas, out)
 
 
 def tsne_plot(projected: dict[str, np.ndarray], anomalous: np.ndarray, title: str, seed: int, out: Path) -> Path:

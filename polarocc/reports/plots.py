@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import polars as pl
 
+from polarocc.atomic import save_figure
+
 
 def norm_sweep_plot(means: pl.DataFrame, out: Path, default_norm: float | None = None) -> Path:
     """Mean image and pixel AUROC against the center norm, a line per distribution, a row per dataset."""
@@ -34,8 +36,7 @@ def norm_sweep_plot(means: pl.DataFrame, out: Path, default_norm: float | None =
             ax.grid(alpha=0.3)
         axes[row][0].legend(title="center", fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -56,7 +57,6 @@ def learning_curve_plot(curve: pl.DataFrame, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out

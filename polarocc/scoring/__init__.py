@@ -1,0 +1,1 @@
+"""Anomaly maps, smoothing, image scores and the image and pixel metrics."""

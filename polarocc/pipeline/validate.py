@@ -1,0 +1,35 @@
+"""Stage ``validate``: every param, the backbone, its weights, the dataset paths and the output folders are
+checked before any stage computes or removes anything.
+
+DVC runs this stage first whenever params.yaml changes, because every other stage depends on its output;
+a bad param therefore stops ``dvc repro`` here, before DVC clears any earlier stage's outputs. Its output
+holds no params, so a valid change reruns only the stages whose own params changed.
+"""
+
+from __future__ import annotations
+
+from polarocc.atomic import write_json
+from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
+from polarocc.device import pick_device
+from polarocc.models.backbone import check_layers, check_weights_available
+from polarocc.pipeline import paths
+
+
+def validate_environment(params: Params) -> None:
+    """Everything about params that can be checked without computing: raises a PolaroccError naming the key."""
+    b = params.backbone
+    check_layers(b.name, b.layers)
+    check_weights_available(b.name, b.weights)
+    pick_device(params.extract.device, "extract.device")
+    pick_device(params.score.device, "score.device")
+    paths.embedded_output(params)
+    check_datasets_exist(params)
+    check_protocol_a_paths(params)
+
+
+def run_validate(params: Params) -> dict:
+    """Validate and write ``reports/params_check.json`` (constant content: it only orders the stages)."""
+    validate_environment(params)
+    result = {"params": "valid"}
+    write_json(paths.params_check(params), result, newline=True)
+    return result

@@ -1,0 +1,93 @@
+"""dvc.yaml cannot go stale: every stage depends on all the code it runs, and on the validate stage."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+PARAMS_CHECK = "reports/params_check.json"
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module name ``path`` imports, at any depth of the file (lazy imports inside functions too)."""
+    package = path.relative_to(ROOT).parent.parts
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = ".".join([*package[: len(package) - node.level + 1], *([module] if module else [])])
+            names |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def import_closure(script: Path) -> set[str]:
+    """Repository files (relative paths) a stage script runs: itself, ``stages/_common.py`` and every module of
+    polarocc it imports, directly or through other modules (each parent package's ``__init__`` included)."""
+    todo, seen = [script], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imported_names(path):
+            if name == "_common":
+                todo.append(ROOT / "stages" / "_common.py")
+            elif name.split(".")[0] == "polarocc":
+                parts = name.split(".")
+                todo += [f for i in range(1, len(parts) + 1) if (f := _module_file(".".join(parts[:i])))]
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def _stages() -> dict[str, dict]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(_stages()))
+def test_every_stage_depends_on_the_code_it_imports(stage: str) -> None:
+    spec = _stages()[stage]
+    script = spec["cmd"].split()[1]
+    assert script.startswith("stages/"), spec["cmd"]
+    closure = import_closure(ROOT / script)
+    assert len(closure) > 3  # the script, _common and at least one polarocc module
+    missing = sorted(path for path in closure if not _covered(path, spec["deps"]))
+    assert not missing, f"dvc.yaml stage {stage} lacks dependencies on {missing}"
+
+
+def test_closure_follows_lazy_and_relative_imports(tmp_path: Path) -> None:
+    closure = import_closure(ROOT / "stages" / "validate.py")
+    assert {"stages/_common.py", "polarocc/__init__.py", "polarocc/config.py", "polarocc/pipeline/__init__.py",
+            "polarocc/pipeline/validate.py", "polarocc/models/weights.py"} <= closure
+    assert "polarocc/cli.py" not in closure
+
+
+@pytest.mark.parametrize("stage", sorted(set(_stages()) - {"validate"}))
+def test_every_stage_runs_after_validation(stage: str) -> None:
+    assert PARAMS_CHECK in _stages()[stage]["deps"]
+
+
+def test_validation_depends_on_every_param() -> None:
+    validate = _stages()["validate"]
+    assert validate["params"] == [{"params.yaml": None}]  # the whole file
+    [out] = validate["outs"]
+    assert out == {PARAMS_CHECK: {"cache": False, "persist": True}}
