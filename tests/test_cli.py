@@ -33,3 +33,21 @@ def test_results_reads_numeric_class_names(params_dict: dict, tmp_path: Path) ->
     table = runner.invoke(app, ["results", "--params", str(params), "--per-category", "--dataset", "textures"])
     assert table.exit_code == 0, table.output
     assert "brick" in table.output and "0.7" in table.output
+
+
+def test_user_errors_are_one_line_without_traceback(params_dict: dict, tmp_path: Path) -> None:
+    cases = []
+    (tmp_path / "broken.yaml").write_text("center: {norm: [1\n")
+    cases.append((["validate", "--params", str(tmp_path / "broken.yaml")], "not valid YAML"))
+    params_dict["backbone"]["layers"] = [1, 2, 9]
+    cases.append((["validate", "--params", str(write_params(params_dict, tmp_path))], "backbone.layers"))
+    (tmp_path / "fake.pt").write_bytes(b"not a model")
+    cases.append((["predict", str(tmp_path / "fake.pt"), str(tmp_path)], "fake.pt"))
+    cases.append((["export", "brick", str(tmp_path / "out.pt"), "--params", str(tmp_path / "params.yaml")],
+                  "run the extract stage"))
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -86,7 +86,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     params_dict["sweep"]["norms"] = [1, 3]
     write_params(params_dict, project)
     second = _stages_run(_run(["dvc", "repro"], project))
-    assert second == {"train@3", "score@3", "aggregate", "report"}
+    assert second == {"validate", "train@3", "score@3", "aggregate", "report"}
     table = read_results(project / "reports/results.csv").filter(
         (pl.col("protocol") != "C") & (pl.col("method") == "projector"))
     assert sorted(set(table["norm"])) == [1.0, 3.0]
