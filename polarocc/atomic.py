@@ -53,21 +53,21 @@ def write_json(path: Path | str, payload: Any, indent: int | None = 1, sort_keys
     return write_text(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + ("\n" if newline else ""))
 
 
-def write_csv(table: Any, path: Path | str) -> Path:
+def write_csv(path: Path | str, table: Any) -> Path:
     """A polars DataFrame as CSV, written atomically."""
     with atomic_file(path) as fh:
         table.write_csv(fh)
     return Path(path)
 
 
-def save_figure(figure: Any, path: Path | str, **kwargs: Any) -> Path:
+def save_figure(path: Path | str, figure: Any, **kwargs: Any) -> Path:
     """A matplotlib figure as PNG, written atomically."""
     with atomic_file(path) as fh:
         figure.savefig(fh, format="png", **kwargs)
     return Path(path)
 
 
-def save_image(image: Any, path: Path | str) -> Path:
+def save_image(path: Path | str, image: Any) -> Path:
     """A PIL image as PNG, written atomically."""
     with atomic_file(path) as fh:
         image.save(fh, format="PNG")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import yaml
 
 from polarocc.errors import ConfigError
-from polarocc.ownership import NAME
+from polarocc.ownership import is_plain_name
 
 DISTRIBUTIONS = ("normal", "uniform", "ones", "feature_mean")
 REDUCTIONS = ("max", "mean", "topk")
@@ -90,12 +90,11 @@ def real(low: float | None = None, high: float | None = None, low_open: bool = F
 
 
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false (unquoted)")
-SEED = integer(0)
+SEED = integer(0, 2**32 - 1)  # numpy, torch and scikit-learn all take seeds in this range
 POSITIVE = integer(1)
 PATH = Rule(lambda v: isinstance(v, Path) and str(v) != "", "a path")
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
-SAFE_NAME = Rule(lambda v: isinstance(v, str) and bool(NAME.match(v)) and ".." not in v,
-                 "a plain name (letters, digits, '_', '-', '.', '+' or spaces; no '/' or '..')")
+SAFE_NAME = Rule(is_plain_name, "a plain name (letters, digits, '_', '-', '.', '+' or spaces; no '/' or '..')")
 
 
 def one_of(*choices: str) -> Rule:

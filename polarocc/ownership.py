@@ -26,9 +26,14 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]*$")
 T = TypeVar("T")
 
 
+def is_plain_name(name: object) -> bool:
+    """True for a single harmless path component: no separators, no ``..``, not only dots or spaces."""
+    return isinstance(name, str) and bool(NAME.match(name)) and name.strip(". ") != "" and ".." not in name
+
+
 def safe_name(name: object, key: str) -> str:
-    """``name`` if it is a single plain path component (no separators, no ``..``), else an error naming ``key``."""
-    if not isinstance(name, str) or not NAME.match(name) or name.strip(". ") == "" or ".." in name:
+    """``name`` if it is a single plain path component (see :func:`is_plain_name`), else an error naming ``key``."""
+    if not is_plain_name(name):
         raise UnsafePathError(f"{key}: {name!r} cannot name a folder or file: use letters, digits, '_', '-', '.', "
                               "'+' or spaces, starting with a letter, digit or '_' (no '/', '\\' or '..')")
     return name
@@ -72,15 +77,6 @@ def claim(folder: Path, key: str) -> Path:
     return folder
 
 
-def remove_owned(folder: Path, key: str) -> None:
-    """Delete ``folder`` if it exists and polarocc wrote it; refuse anything else."""
-    folder = Path(folder)
-    if not folder.exists():
-        return
-    check_replaceable(folder, key)
-    shutil.rmtree(folder)
-
-
 @contextlib.contextmanager
 def _staging(final: Path) -> Iterator[Path]:
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
@@ -109,9 +105,16 @@ def replace_folder(final: Path, key: str, build: Callable[[Path], T], known: fro
     """Build a folder's whole content in a sibling staging folder with ``build(staging)``, then put it in place
     of ``final``. ``final`` is checked first: it must be absent, empty or polarocc's own (see
     :func:`check_replaceable`). A failure in ``build`` leaves ``final`` as it was."""
-    final = Path(final)
+    final = Path(final).resolve()
+    if final == Path.cwd().resolve() or final in Path.cwd().resolve().parents:
+        raise UnsafePathError(f"{key}: {final} is the current folder or holds it; name a folder to write, such as "
+                              "predictions")
     check_replaceable(final, key, known)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnsafePathError(f"{key}: cannot create the folder {final.parent} ({exc.strerror}); choose another "
+                              "path") from exc
     with _staging(final) as staging:
         result = build(staging)
         swap_in(staging, final)

@@ -216,3 +216,20 @@ def test_a_checkpoint_with_another_head_still_gives_the_same_features(tmp_path: 
     torch.save(state, tmp_path / "headless.pth")
     assert torch.equal(build_extractor("tf_efficientnet_lite0", (1, 2, 3), weights=str(tmp_path / "headless.pth"))(
         images), lite0(images))
+
+
+def test_check_weights_reads_a_local_file_and_compares_it_to_the_model(tmp_path: Path) -> None:
+    from polarocc.models.backbone import check_weights
+
+    good = tmp_path / "lite0.pth"
+    torch.save(torch.load(converted_package_weights(), weights_only=True), good)
+    check_weights("tf_efficientnet_lite0", str(good))
+    check_weights("tf_efficientnet_lite0", "package")
+    other = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), other)
+    with pytest.raises(WeightsError, match=r"backbone\.weights: .*r18\.pth does not fit .*missing keys conv_stem"):
+        check_weights("tf_efficientnet_lite0", str(other))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(WeightsError, match=r"junk\.pth"):
+        check_weights("tf_efficientnet_lite0", str(junk))

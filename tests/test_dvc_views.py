@@ -62,7 +62,6 @@ def _norm_sweep_plot() -> dict:
     return entry
 
 
-@pytest.mark.integration
 def test_norm_sweep_series_split_per_dataset() -> None:
     series = norm_sweep_series(_sweep_means())
     assert sorted(series) == list(DATASETS)

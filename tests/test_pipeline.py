@@ -104,7 +104,11 @@ BAD_PARAMS = [
     ("backbone", "layers", [1, 2, 9], "backbone.layers"),
     ("backbone", "weights", "/nowhere/weights.pth", "backbone.weights"),
     ("protocol_c", "datasets", ["mvtec"], "protocol_c.datasets"),
-    ("embedded_data", "output", "../victim", None),
+    ("center", "seed", 2**32, "center.seed"),
+    ("embedded_data", "crop", 300, "embedded_data.crop"),
+    ("backbone", "weights", "{junk}", "backbone.weights"),  # a file that exists but holds no weights
+    ("embedded_data", "output", "data/mine", "embedded_data.output"),  # a user's folder inside the project
+    ("embedded_data", "output", "../victim", None),  # DVC itself refuses outputs outside the repository
 ]
 
 
@@ -116,14 +120,18 @@ def _snapshot(project: Path) -> dict[str, bytes]:
 
 def _bad_params_change_nothing(params_dict: dict, project: Path) -> None:
     """A finished pipeline's outputs are byte-identical after a `dvc repro` that fails on a bad param."""
-    before = _snapshot(project)
-    assert any(name.startswith("data/features/") for name in before)
     victim = project.parent / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("mine")
+    (project / "data/mine").mkdir()
+    (project / "data/mine/keep.txt").write_text("mine")
+    junk = project.parent / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    before = _snapshot(project)
+    assert any(name.startswith("data/features/") for name in before)
     for section, key, value, named in BAD_PARAMS:
         bad = copy.deepcopy(params_dict)
-        bad[section][key] = value
+        bad[section][key] = value.format(junk=junk) if isinstance(value, str) else value
         write_params(bad, project)
         result = subprocess.run(["dvc", "repro"], cwd=project, env=ENV, capture_output=True, text=True)
         assert result.returncode != 0, f"{section}.{key}={value!r} did not fail"
@@ -133,6 +141,7 @@ def _bad_params_change_nothing(params_dict: dict, project: Path) -> None:
         changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
         assert not changed, f"{section}.{key}={value!r} changed {changed[:5]}"
     assert (victim / "keep.txt").read_text() == "mine"
+    shutil.rmtree(project / "data/mine")
     write_params(params_dict, project)
     assert _stages_run(_run(["dvc", "repro"], project)) == set()  # the good params again: nothing reruns
 

@@ -227,3 +227,49 @@ def test_validate_names_layers_weights_and_devices(params_dict: dict, tmp_path: 
             validate_environment(load_params(write_params(raw, tmp_path)))
 
 
+
+
+def test_predict_output_paths_that_cannot_be_folders_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
+    from polarocc.deploy.inputs import collect_images
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UnsafePathError, match=r"--out: cannot create the folder"):
+        replace_folder(tmp_path / "a_file/sub", "--out", lambda staging: None)
+    monkeypatch.chdir(tmp_path)
+    for here in (".", str(tmp_path.parent)):
+        with pytest.raises(UnsafePathError, match=r"--out: .*current folder"):
+            replace_folder(Path(here), "--out", lambda staging: None)
+    (tmp_path / "list.txt").write_bytes(b"\xff\xfe bad bytes")
+    with pytest.raises(DataError, match=r"list file .*list\.txt as UTF-8"):
+        collect_images([], tmp_path / "list.txt")
+
+
+def _reader_calls(path: Path):
+    from polarocc.deploy.artefact import load_artefact
+    from polarocc.deploy.stream import read_state
+    from polarocc.models.backbone import check_weights
+    from polarocc.models.weights import read_state_dict
+
+    return {"trained projector": lambda: load_model(path), "model file": lambda: load_artefact(path),
+            "stream state": lambda: read_state(path), "weights file": lambda: read_state_dict(path),
+            "weights check": lambda: check_weights("tf_efficientnet_lite0", str(path))}
+
+
+@pytest.mark.parametrize("reader", ["trained projector", "model file", "stream state", "weights file",
+                                    "weights check"])
+def test_no_reader_runs_code_from_a_file(tmp_path: Path, reader: str) -> None:
+    touched = tmp_path / "pwned"
+    path = tmp_path / "file.pt"
+    torch.save({"format": "polarocc-model", "projector": _WritesAFile(touched)}, path)
+    with pytest.raises(PolaroccError) as caught:
+        _reader_calls(path)[reader]()
+    message = str(caught.value)
+    assert str(path) in message and "posix.system" in message and "weights_only" not in message
+    assert not touched.exists()
+
+
+def test_the_malicious_payload_really_runs_code_when_loaded_unsafely(tmp_path: Path) -> None:
+    touched = tmp_path / "pwned"
+    torch.save({"x": _WritesAFile(touched)}, tmp_path / "file.pt")
+    torch.load(tmp_path / "file.pt", weights_only=False)  # what polarocc never does
+    assert touched.exists()

@@ -21,6 +21,7 @@ from skimage.transform import resize
 from tqdm import tqdm
 
 from polarocc.config import DEFECT_TYPES
+from polarocc.errors import ConfigError
 
 TEXTURE_SOURCES: dict[str, Callable[[], np.ndarray]] = {
     "brick": skdata.brick,
@@ -160,8 +161,20 @@ def make_category(root: Path, category: str, spec: TextureSpec, seed: int) -> di
             "test_defective": spec.defects_per_type * len(spec.defect_types)}
 
 
+def check_spec(categories: tuple[str, ...], crop: int) -> None:
+    """ConfigError naming ``embedded_data.crop`` when a crop does not fit the part of a photo it is cut from
+    (test crops come from the bottom ``1 - TRAIN_FRACTION`` of each photo)."""
+    for category in categories:
+        rows, columns = TEXTURE_SOURCES[category]().shape[:2]
+        largest = min(rows - int(rows * TRAIN_FRACTION), int(rows * TRAIN_FRACTION), columns)
+        if crop > largest:
+            raise ConfigError(f"params key 'embedded_data.crop': {crop} px crops do not fit the {category} photo "
+                              f"({rows}x{columns}, {largest} rows for test crops); use at most {largest}")
+
+
 def make_textures(root: Path, categories: tuple[str, ...], spec: TextureSpec, seed: int) -> dict[str, dict[str, int]]:
     """Write the whole embedded dataset; deterministic from ``seed``."""
+    check_spec(categories, spec.crop)
     counts = {}
     for category in tqdm(categories, desc="textures", unit="category"):
         counts[category] = make_category(root, category, spec, seed)

@@ -163,8 +163,8 @@ def convert_visa(root: Path, out: Path, categories: list[str] | None = None, pro
         if item.mask is not None and item.mask_target is not None:
             mask = np.asarray(open_image(item.mask).convert("L")) > 0
             # checked again now that the folders exist: a link placed inside out must not lead outside it
-            save_image(Image.fromarray(mask.astype(np.uint8) * 255),
-                       inside(out, item.mask_target, f"{OUT_KEY} mask of line {item.line}"))
+            save_image(inside(out, item.mask_target, f"{OUT_KEY} mask of line {item.line}"),
+                       Image.fromarray(mask.astype(np.uint8) * 255))
         _place(item.image, inside(out, item.target, f"{OUT_KEY} image of line {item.line}"))
         counts[(item.obj, item.folder)] += 1
     result: dict[str, dict[str, int]] = {}

@@ -22,7 +22,12 @@ def collect_images(inputs: list[str], list_file: Path | None = None) -> list[Pat
     if list_file is not None:
         if not list_file.is_file():
             raise DataError(f"list file {list_file} does not exist")
-        for line in list_file.read_text().splitlines():
+        try:
+            text = list_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the list file {list_file} as UTF-8 text ({exc}); give one image path per "
+                            "line") from exc
+        for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 path = Path(line)

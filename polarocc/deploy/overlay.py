@@ -42,4 +42,4 @@ def overlay_panels(image: np.ndarray, anomaly_map: np.ndarray, threshold: float,
 
 def save_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, threshold: float, score: float) -> Path:
     """Write :func:`overlay_panels` as a PNG, atomically (a crash never leaves half a PNG)."""
-    return save_image(overlay_panels(image, anomaly_map, threshold, score), path)
+    return save_image(path, overlay_panels(image, anomaly_map, threshold, score))

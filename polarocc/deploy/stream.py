@@ -45,8 +45,8 @@ STATE_FORMAT = "polarocc-stream-state"
 COLUMNS = ["index", "path", "score", "threshold", "decision", "learned", "updates"]
 HEADER = ",".join(COLUMNS)  # the first line of every CSV a stream writes (csv.writer adds "\r\n")
 # What to do with a state file polarocc cannot resume from and must not delete.
-STATE_FIX = ("--restart starts over, but replaces only polarocc's own state files: delete this one yourself if it "
-             "is yours, or choose another --state")
+STATE_FIX = ("pass --restart to start over (a state file polarocc cannot read is kept, renamed to "
+             "<name>.unreadable), or choose another --state")
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,10 @@ class StreamSettings:
                               "(the first N images are taken as normal)")
 
 
-def digest(paths: list[Path]) -> str:
-    """Identity of an ordered list of images (to check that a resumed run sees the same stream)."""
-    return hashlib.sha256("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()
-
-
 class InputsDigest:
-    """:func:`digest` of a list that grows one image at a time: each path is resolved once, so checkpointing
-    after every image costs O(1) instead of re-hashing the whole prefix."""
+    """Identity of the ordered list of images processed so far (a resumed run must see the same prefix): the
+    sha256 of their resolved paths joined by newlines, grown one image at a time so that each path is resolved
+    once and checkpointing after every image costs O(1)."""
 
     def __init__(self, paths: list[Path] | tuple[Path, ...] = ()) -> None:
         self._hash = hashlib.sha256()
@@ -97,12 +93,12 @@ class InputsDigest:
             self.add(path)
 
     def add(self, path: Path) -> None:
-        """Append one image (the '\\n' separator of :func:`digest` goes before every path but the first)."""
+        """Append one image (a newline goes before every path but the first)."""
         self._hash.update((b"\n" if self.count else b"") + str(path.resolve()).encode())
         self.count += 1
 
     def hexdigest(self) -> str:
-        """Equal to ``digest(paths added so far)``; adding more afterwards is allowed."""
+        """The digest of the paths added so far; adding more afterwards is allowed."""
         return self._hash.hexdigest()
 
 
@@ -305,14 +301,25 @@ def _is_state_file(path: Path) -> bool:
     return path.is_file()
 
 
-def _check_restartable(state_path: Path, csv_path: Path) -> None:
-    """--restart deletes only polarocc's own state file and CSV; both are checked before either is deleted."""
-    if (state_path.exists() or state_path.is_symlink()) and not _is_state_file(state_path):
-        raise UnsafePathError(f"--state: {state_path} is not a polarocc stream state file (unreadable, truncated or "
-                              "foreign); --restart deletes only polarocc's own state files and CSVs. Remove it "
-                              "yourself, or choose another --state")
+def _check_restartable(csv_path: Path) -> None:
+    """--restart deletes only a CSV polarocc stream wrote: checked before anything is touched."""
     if (csv_path.exists() or csv_path.is_symlink()) and not is_stream_csv(csv_path):
         raise _not_stream_csv(csv_path)
+
+
+def _clear_for_restart(state_path: Path, csv_path: Path) -> None:
+    """Delete polarocc's own state file and CSV; a state file it cannot read (truncated, foreign) is not deleted
+    but renamed aside to ``<name>.unreadable`` (or ``.unreadable-N``), so nothing that might be someone's is lost."""
+    if state_path.exists() or state_path.is_symlink():
+        if _is_state_file(state_path):
+            state_path.unlink()
+        else:
+            aside = state_path.with_name(f"{state_path.name}.unreadable")
+            n = 1
+            while aside.exists():
+                aside, n = state_path.with_name(f"{state_path.name}.unreadable-{n}"), n + 1
+            os.replace(state_path, aside)
+    csv_path.unlink(missing_ok=True)
 
 
 def _resume(learner: OnlineLearner, state_path: Path, csv_path: Path, images: list[Path], identity: dict,
@@ -360,16 +367,16 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
                on_image: Callable[[int], None] | None = None) -> dict[str, int]:
     """Process ``images`` in order with test-then-train, appending a CSV row per image.
 
-    Resumes from ``state_path`` when it exists (unless ``restart``, which first deletes the state file and
-    CSV, and only when both are polarocc's). ``on_image(index)`` runs after each image's row and state are
-    written. Returns counts of images processed in this call and in total.
+    Resumes from ``state_path`` when it exists (unless ``restart``, which first deletes polarocc's own state file
+    and CSV; a CSV it did not write is refused, an unreadable state file is renamed aside). ``on_image(index)``
+    runs after each image's row and state are written. Returns counts of images processed in this call and in
+    total.
     """
     identity = {"model": model_path, "settings": asdict(learner.settings)}
     _check_kinds(state_path, csv_path)
     if restart:
-        _check_restartable(state_path, csv_path)
-        for path in (state_path, csv_path):
-            path.unlink(missing_ok=True)
+        _check_restartable(csv_path)
+        _clear_for_restart(state_path, csv_path)
     start = 0
     inputs = InputsDigest()  # digest of images[:learner.processed], kept up to date image by image
     if state_path.is_file():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from distributed import WorkerPlugin
+from distributed import Client, WorkerPlugin
 from tqdm import tqdm
 
 from polarocc.data.images import Geometry, resize_crop
@@ -94,10 +94,10 @@ class TorchThreads(WorkerPlugin):
         torch.set_num_threads(self.threads)
 
 
-def make_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool = False):
+def make_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool = False) -> Client:
     """A dask client: a LocalCluster of ``workers`` processes, or the scheduler at an address; every worker runs
     one task at a time with ``threads_per_worker`` torch threads (the backbone is the parallel part)."""
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import LocalCluster
 
     if scheduler == "local":
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
@@ -122,7 +122,7 @@ def cluster_client(scheduler: str, workers: int, threads_per_worker: int, gpu: b
             cluster.close()
 
 
-def extract_category_distributed(client, spec: WorkerSpec, samples: dict[str, list[Sample]],
+def extract_category_distributed(client: Client, spec: WorkerSpec, samples: dict[str, list[Sample]],
                                  layout: fs.StoreLayout, backbone: dict, final: Path, partial: Path,
                                  progress: bool = True,
                                  raw_images: Callable[[list[Sample]], np.ndarray] | None = None) -> dict[str, int]:

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polarocc.errors import ConfigError, WeightsError
-from polarocc.models.weights import HUB, NONE, read_state_dict, weights_path
-from polarocc.models.weights import check_weights_available as check_weights_available  # re-exported for validation
+from polarocc.models.weights import HUB, NONE, PACKAGE, check_weights_available, read_state_dict, weights_path
 
 
 class MultiScaleAggregator(nn.Module):
@@ -140,29 +139,51 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
 
 
-def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
-    """Load ``state`` into the full ``model``; WeightsError naming ``path`` and the keys that do not fit.
-
-    Every key outside the classifier head must match; the head is never used (features are read before it),
-    so a checkpoint with another number of classes, or none, is fine.
-    """
-    head = _head_prefixes(model)
-    everything = model.state_dict()
-    # A head that fits is loaded too (the pooled extractor keeps it); one that does not is left out.
-    fitting_head = {k: v for k, v in state.items() if head and k.startswith(head) and k in everything
-                    and v.shape == everything[k].shape}
-    own = {k: v for k, v in everything.items() if not (head and k.startswith(head))}
+def _mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], head: tuple[str, ...]) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``own``; the classifier ``head`` (never
+    used: features are read before it) may be missing, extra or of another shape."""
+    own = {k: v for k, v in own.items() if not (head and k.startswith(head))}
     state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
-    problems = [f"{label} {_keys(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes for", resized)) if keys]
+    resized = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    return [f"{label} {_keys(keys)}" for label, keys in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes for", resized)) if keys]
+
+
+def _misfit_error(path: Path, name: str, problems: list[str]) -> WeightsError:
+    return WeightsError(f"backbone.weights: {path} does not fit timm's {name!r}: {'; '.join(problems)}. Give "
+                        f"weights saved from timm.create_model({name!r}).state_dict(), or fix backbone.name")
+
+
+def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Load ``state`` into the full ``model``; WeightsError naming ``path`` and the keys that do not fit."""
+    head = _head_prefixes(model)
+    everything = model.state_dict()
+    problems = _mismatches(everything, state, head)
     if problems:
-        raise WeightsError(f"backbone.weights: {path} does not fit timm's {name!r}: {'; '.join(problems)}. Give "
-                           f"weights saved from timm.create_model({name!r}).state_dict(), or fix backbone.name")
-    result = model.load_state_dict({**state, **fitting_head}, strict=False)
+        raise _misfit_error(path, name, problems)
+    # A head that fits is loaded too (the pooled extractor keeps it); one that does not is left out.
+    loadable = {k: v for k, v in state.items()
+                if not (head and k.startswith(head)) or (k in everything and v.shape == everything[k].shape)}
+    result = model.load_state_dict(loadable, strict=False)
     assert not result.unexpected_keys and not [k for k in result.missing_keys if not k.startswith(head)]
+
+
+def check_weights(name: str, weights: str) -> None:
+    """Before any work: the weights ``backbone.weights`` names exist and, for a local file, fit ``name`` key by key
+    and shape by shape (checked against a weightless model on the meta device; nothing is downloaded)."""
+    import timm
+
+    check_weights_available(name, weights)
+    if weights in (HUB, NONE, PACKAGE):  # the package holds Lite0's own weights (checked by name above)
+        return
+    path = Path(weights).expanduser()
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    problems = _mismatches(model.state_dict(), read_state_dict(path), _head_prefixes(model))
+    if problems:
+        raise _misfit_error(path, name, problems)
 
 
 def _full_model(name: str, weights: str) -> nn.Module:

@@ -141,9 +141,3 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                                               for k, v in state.items()):
         raise WeightsError(f"backbone.weights: {path} holds no state dict (a mapping of names to tensors). {fix}")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def resolve_weights(name: str, weights: str) -> tuple[bool, dict[str, str]]:
-    """Translate ``backbone.weights`` into timm's ``pretrained`` flag and ``pretrained_cfg_overlay``."""
-    path = weights_path(name, weights)
-    return weights != NONE, ({"file": str(path)} if path else {})

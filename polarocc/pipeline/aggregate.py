@@ -30,7 +30,7 @@ def write_norm_sweep_series(means: pl.DataFrame, folder: Path) -> list[Path]:
     """Write ``folder/<dataset>.csv`` per dataset and remove this function's CSVs of datasets no longer swept
     (files with its header only: DVC clears the folder before the stage runs, this covers direct calls)."""
     series = norm_sweep_series(means)
-    written = [write_csv(table, folder / f"{stem}.csv") for stem, table in series.items()]
+    written = [write_csv(folder / f"{stem}.csv", table) for stem, table in series.items()]
     header = ",".join(SERIES_COLUMNS)
     for stale in folder.glob("*.csv"):
         if stale.stem not in series:
@@ -45,10 +45,10 @@ def run_aggregate(params: Params) -> dict:
     """Write reports/results.csv, metrics.json, norm_sweep.csv, norm_sweep/<dataset>.csv and plots/norm_sweep.png."""
     out = paths.reports(params)
     table = results_table(params)
-    write_csv(table, out / "results.csv")
+    write_csv(out / "results.csv", table)
     # The sweep: the trained projector's Protocol A and B rows (Protocol C and the peers have no sweep).
     means = sweep_means(table.filter((pl.col("protocol") != "C") & (pl.col("method") == OURS)))
-    write_csv(means, out / "norm_sweep.csv")
+    write_csv(out / "norm_sweep.csv", means)
     write_norm_sweep_series(means, out / NORM_SWEEP_DIR)
     metrics = headline_metrics(table, params)
     write_json(out / "metrics.json", metrics, indent=2, sort_keys=True, newline=True)

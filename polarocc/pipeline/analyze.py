@@ -123,7 +123,7 @@ def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray
     projected = {}
     for distribution in params.sweep.distributions:
         projector, center, _ = load_model(paths.model_file(params, params.center.norm, distribution, dataset,
-                                                           category))
+                                                           category), store)
         z, _ = project(projector, center, features.float())
         projected[distribution] = z.flatten(1).numpy()
     return title, projected, anomalous

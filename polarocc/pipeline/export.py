@@ -44,8 +44,7 @@ def export_variant(params: Params, norm: float, distribution: str, dataset: str,
                          "score pooled whole-image features and cannot be exported for predict yet")
     store = FeatureStore(paths.feature_store(params, dataset, category))
     path = paths.model_file(params, norm, distribution, dataset, category)
-    projector, center, meta = load_model(path)
-    store.check_trained_on(meta["store_fingerprint"], str(path))
+    projector, center, meta = load_model(path, store)
     train = {**meta["train"], "history": meta["history"]}
     provenance = {"protocol": meta["protocol"], "dataset": dataset, "category": category,
                   "distribution": distribution, "norm": norm}

@@ -120,8 +120,8 @@ def run_online(params: Params, dataset: str, progress: bool = True) -> dict[str,
                       build_artefact(projector, center, store, params, train, provenance, device))
     write_json(paths.online_report(params, dataset), {"dataset": dataset, "device": device, "results": results})
     table = curve_table(results, dataset)
-    write_csv(table, paths.learning_curve_csv(params, dataset))
-    write_csv(table.filter(pl.col("category") == "mean").select(["seen", "image_auroc", "pixel_auroc"]),
-              paths.mean_learning_curve_csv(params, dataset))
+    write_csv(paths.learning_curve_csv(params, dataset), table)
+    write_csv(paths.mean_learning_curve_csv(params, dataset),
+              table.filter(pl.col("category") == "mean").select(["seen", "image_auroc", "pixel_auroc"]))
     learning_curve_plot(table, paths.learning_curve_plot(params, dataset))
     return results

@@ -4,6 +4,7 @@ features and with the same maps, smoothing, reductions and metrics as the traine
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ class UntrainedProjector:
         return project(self.projector, self.center, features.float(), self.squared)[1]
 
 
-def fit_peer(method: str, params: Params, train_batches, center: torch.Tensor, image_level: bool):
+def fit_peer(method: str, params: Params, train_batches: Iterable[np.ndarray], center: torch.Tensor,
+             image_level: bool) -> UntrainedProjector | PaDiM | PatchCore:
     """A fitted peer from normal training features given as an iterable of (B, C, h, w) arrays; ``center`` is the
     default variant's (used by the untrained projector)."""
     pe = params.peers

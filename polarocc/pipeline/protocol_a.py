@@ -270,8 +270,7 @@ def score_all(params: Params, norm: float, load_model) -> dict:
         for name, label in chosen_classes(store, ds):
             for distribution in params.sweep.distributions:
                 path = paths.model_file(params, norm, distribution, dataset, name)
-                projector, center, meta = load_model(path)
-                store.check_trained_on(meta["store_fingerprint"], str(path))
+                projector, center, _ = load_model(path, store)
                 results.setdefault(distribution, {}).setdefault(dataset, {})[name] = score_class(
                     features, labels, label, projector, center, params.score.squared, within)
     return results

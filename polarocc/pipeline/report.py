@@ -34,7 +34,7 @@ def _link(report: Path, target: Path, text: str) -> str:
 def write_curves(table: pl.DataFrame, folder: Path, x: str, columns: list[str]) -> None:
     """One CSV per dataset with ``x`` and ``columns`` (the sources of the ``dvc plots`` definitions)."""
     for (dataset,), part in table.group_by(["dataset"], maintain_order=True):
-        write_csv(part.select([x, *columns]).sort(x), folder / f"{dataset}.csv")
+        write_csv(folder / f"{dataset}.csv", part.select([x, *columns]).sort(x))
 
 
 def run_report(params: Params) -> Path:
@@ -46,12 +46,12 @@ def run_report(params: Params) -> Path:
     cosines = json.loads((analysis / "cosines.json").read_text())
 
     feasibility = feasibility_table(results, cosines, params)
-    write_csv(feasibility, reports / "feasibility.csv")
+    write_csv(reports / "feasibility.csv", feasibility)
     agreement = feasibility_agreement(feasibility)
     feasibility_plot(feasibility, plots / "feasibility.png")
 
     polar = polar_table(params)
-    write_csv(polar, analysis / "polar.csv")
+    write_csv(analysis / "polar.csv", polar)
     default_polar = polar.filter(pl.col("distribution") == params.center.distribution)
     polar_plot(default_polar, plots / "polar.png")
     write_curves(default_polar, reports / "polar_curves", "norm",
@@ -59,9 +59,9 @@ def run_report(params: Params) -> Path:
                   "cosine_normal_anomalous"])
 
     history = history_table(params)
-    write_csv(history, analysis / "training_history.csv")
+    write_csv(analysis / "training_history.csv", history)
     budget = budget_table(analysis / "budget.json")
-    write_csv(budget, analysis / "budget.csv")
+    write_csv(analysis / "budget.csv", budget)
     means = budget_means(budget)
     budget_plot(history.filter(pl.col("distribution") == params.center.distribution), means, plots / "budget.png")
     wide = means.pivot(on="bias", index=["dataset", "epoch"], values="image_auroc").rename(

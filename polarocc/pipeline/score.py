@@ -91,8 +91,7 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
         models = []
         for distribution in params.sweep.distributions:
             path = paths.model_file(params, norm, distribution, dataset, category)
-            projector, center, meta = load_model(path)
-            store.check_trained_on(meta["store_fingerprint"], str(path))
+            projector, center, _ = load_model(path, store)
             models.append((projector, center))
         polar = [PolarAccumulator(center) for _, center in models]
         pixel = pixel_accumulators(store, len(models), params.score)

@@ -101,8 +101,9 @@ def save_model(path: Path, projector: Projector, center: torch.Tensor, meta: dic
                       path.with_suffix(".partial"))
 
 
-def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
-    """Inverse of :func:`save_model`: (projector, center, metadata). Only tensors and plain data are read."""
+def load_model(path: Path, store: FeatureStore | None = None) -> tuple[Projector, torch.Tensor, dict]:
+    """Inverse of :func:`save_model`: (projector, center, metadata). Only tensors and plain data are read; with
+    ``store``, a model trained on other features than the store holds is refused."""
     if not path.is_file():
         raise MissingOutputError(f"no trained model at {path}: run the train stage (dvc repro train)")
     fix = "rerun the train stage (dvc repro train)"
@@ -115,6 +116,8 @@ def load_model(path: Path) -> tuple[Projector, torch.Tensor, dict]:
                          f"{fix}") from exc
     if not isinstance(center, torch.Tensor) or not isinstance(state.get("store_fingerprint"), str):
         raise ModelError(f"{path} lacks its center or store fingerprint; {fix}")
+    if store is not None:
+        store.check_trained_on(state["store_fingerprint"], str(path))
     return projector, center, state
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
+from polarocc.data.textures import check_spec
 from polarocc.device import pick_device
-from polarocc.models.backbone import check_layers, check_weights_available
+from polarocc.models.backbone import check_layers, check_weights
 from polarocc.pipeline import paths
 
 
@@ -19,7 +20,8 @@ def validate_environment(params: Params) -> None:
     """Everything about params that can be checked without computing: raises a PolaroccError naming the key."""
     b = params.backbone
     check_layers(b.name, b.layers)
-    check_weights_available(b.name, b.weights)
+    check_weights(b.name, b.weights)
+    check_spec(params.embedded_data.categories, params.embedded_data.crop)
     pick_device(params.extract.device, "extract.device")
     pick_device(params.score.device, "score.device")
     paths.embedded_output(params)

@@ -18,7 +18,7 @@ from polarocc.deploy.overlay import overlay_panels
 
 def _save(fig, out: Path) -> Path:
     fig.tight_layout()
-    save_figure(fig, out, dpi=100)
+    save_figure(out, fig, dpi=100)
     plt.close(fig)
     return out
 
@@ -37,7 +37,7 @@ def overlay_grid(images: list[np.ndarray], maps: list[np.ndarray], scores: list[
         top = i * (height + label)
         draw.text((4, top + 2), title, fill=(0, 0, 0))
         canvas.paste(row, (0, top + label))
-    return save_image(canvas, out)
+    return save_image(out, canvas)
 
 
 def tsne_plot(projected: dict[str, np.ndarray], anomalous: np.ndarray, title: str, seed: int, out: Path) -> Path:

@@ -36,7 +36,7 @@ def norm_sweep_plot(means: pl.DataFrame, out: Path, default_norm: float | None =
             ax.grid(alpha=0.3)
         axes[row][0].legend(title="center", fontsize=8)
     fig.tight_layout()
-    save_figure(fig, out, dpi=110)
+    save_figure(out, fig, dpi=110)
     plt.close(fig)
     return out
 
@@ -57,6 +57,6 @@ def learning_curve_plot(curve: pl.DataFrame, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, out, dpi=110)
+    save_figure(out, fig, dpi=110)
     plt.close(fig)
     return out
