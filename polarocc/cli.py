@@ -188,7 +188,7 @@ def stream(
     params: Path = PARAMS,
 ) -> None:
     """Online use: score each image before learning from it; stop any time and rerun to resume."""
-    from polarocc.deploy.artefact import load_artefact
+    from polarocc.deploy.artefact import check_model_target, load_artefact
     from polarocc.deploy.inputs import collect_images
     from polarocc.deploy.stream import (
         OnlineLearner,
@@ -218,6 +218,8 @@ def stream(
     settings = StreamSettings(clean, threshold, quantile, window, warmup, float(t.get("lr", 1e-4)),
                               float(t.get("weight_decay", 5e-4)), float(t.get("radius", 1e-5)), save_every)
     settings.validate(artefact.threshold is not None)
+    if save_model is not None:
+        check_model_target(save_model)  # before the stream advances: a file that is not a model is refused now
     learner = OnlineLearner(artefact, settings, _device(device), extractor)
     counts = run_stream(learner, images, csv_path, state, source, restart)
     if save_model is not None:

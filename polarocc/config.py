@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from polarocc.errors import ConfigError
 from polarocc.ownership import is_plain_name
@@ -95,6 +95,9 @@ POSITIVE = integer(1)
 PATH = Rule(lambda v: isinstance(v, Path) and str(v) != "", "a path")
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
 SAFE_NAME = Rule(is_plain_name, "a plain name (letters, digits, '_', '-', '.', '+' or spaces; no '/' or '..')")
+# Dataset names also become arguments of dvc.yaml's stage commands: no spaces.
+DATASET_NAME = Rule(lambda v: is_plain_name(v, spaces=False),
+                    "a plain name without spaces (letters, digits, '_', '-', '.', '+'; no '/' or '..')")
 
 
 def one_of(*choices: str) -> Rule:
@@ -148,7 +151,7 @@ class DatasetConfig:
     format: str = "mvtec"
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
-        "name": SAFE_NAME, "path": PATH, "categories": list_of(SAFE_NAME), "format": one_of(*DATASET_FORMATS)}
+        "name": DATASET_NAME, "path": PATH, "categories": list_of(SAFE_NAME), "format": one_of(*DATASET_FORMATS)}
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class ClassificationDatasetConfig:
     classes: tuple[str, ...] | str = "all"
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
-        "name": SAFE_NAME, "format": one_of(*CLASSIFICATION_FORMATS), "path": optional(PATH),
+        "name": DATASET_NAME, "format": one_of(*CLASSIFICATION_FORMATS), "path": optional(PATH),
         "classes": either(one_of("all"), list_of(TEXT))}
 
 
@@ -186,7 +189,7 @@ class ProtocolCConfig:
     datasets: tuple[str, ...] = ()
     seed: int = 1024
 
-    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"datasets": list_of(SAFE_NAME, min_len=0), "seed": SEED}
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"datasets": list_of(DATASET_NAME, min_len=0), "seed": SEED}
 
 
 @dataclass(frozen=True)
@@ -440,10 +443,10 @@ def validate_norm(norm: Any, key: str = "center.norm") -> float:
     return float(norm)
 
 
-def parse_params(raw: Any, root: Path | str = ".") -> Params:
-    """Build and validate :class:`Params` from the parsed YAML mapping."""
+def parse_params(raw: Any, root: Path | str = ".", source: str = "params.yaml") -> Params:
+    """Build and validate :class:`Params` from the parsed YAML mapping (read from ``source``)."""
     if not isinstance(raw, dict):
-        raise ConfigError("params.yaml must hold a mapping of sections (datasets, backbone, train, ...)")
+        raise ConfigError(f"{source} must hold a mapping of sections (datasets, backbone, train, ...)")
     for old, new in RENAMED_SECTIONS.items():
         _require(old not in raw, old, f"this section is now called '{new}': rename it in params.yaml")
     unknown = sorted(set(raw) - {"datasets", *SECTIONS})
@@ -510,15 +513,21 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"no params file at {path}: run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+        raw = read_yaml(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"{path} is not valid YAML: {problem}{where}; fix the syntax there") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
-    return parse_params(raw, root=path.parent)
+    return parse_params(raw, root=path.parent, source=str(path))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML 1.2, as DVC does: the values polarocc validates are the ones ``dvc exp run -S`` writes and
+    dvc.lock records (YAML 1.1 would read ``5e-05`` as a string and ``010`` as 8)."""
+    return YAML(typ="safe", pure=True).load(text)
 
 
 def resolve(params: Params, path: Path) -> Path:

@@ -1,6 +1,9 @@
-"""Which torch device a step runs on."""
+"""Where a step runs: the torch device, and the dask scheduler extraction may use."""
 
 from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
 
 import torch
 
@@ -16,3 +19,26 @@ def pick_device(requested: str, key: str = "device") -> str:
     if requested not in ("cpu", "cuda"):
         raise ConfigError(f"{key}: unknown device {requested!r}; use auto, cpu or cuda")
     return requested
+
+
+def check_scheduler(address: str, key: str = "extract.scheduler", timeout: float = 5.0) -> None:
+    """For a ``tcp://host:port`` dask scheduler address, fail (naming ``key``) unless something listens there;
+    ``inprocess``, ``local`` and other protocols are not checked."""
+    if "://" not in address:
+        return
+    parts = urlsplit(address)
+    if parts.scheme != "tcp":
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ConfigError(f"{key}: {address!r} is not a scheduler address; write tcp://host:port (dask's port is "
+                          "8786 by default)")
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: no dask scheduler answers at {address} ({exc.strerror or exc}); start it "
+                          "(`dask scheduler`) or use local or inprocess") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def torch_load_plain(path: Path | str, error: type[PolaroccError], what: str, fi
     should have been and the ``fix``."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy formats before refusing them: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise error(f"{path} does not exist; {fix}") from exc
     except Exception as exc:  # torch raises many types for truncated, foreign or malicious files

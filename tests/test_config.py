@@ -190,3 +190,25 @@ def test_malformed_yaml_is_one_line_naming_the_file(tmp_path: Path, text: str) -
         load_params(path)
     message = str(caught.value)
     assert str(path) in message and "not valid YAML" in message and "\n" not in message
+
+
+def test_params_are_read_as_yaml_1_2_like_dvc_writes_them(tmp_path: Path) -> None:
+    text = (ROOT / "params.yaml").read_text()
+    text = text.replace("lr: 1.0e-4", "lr: 5e-05").replace("epochs: 50", "epochs: 010")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load_params(path)
+    assert params.train.lr == 5e-05 and params.train.epochs == 10  # YAML 1.1 would give '5e-05' and 8
+    path.write_text(text.replace("squared: true", "squared: off"))
+    with pytest.raises(ConfigError, match=r"score\.squared.*got 'off'"):
+        load_params(path)
+
+
+def test_dataset_names_have_no_spaces_but_categories_may(default_params: dict) -> None:
+    raw = copy.deepcopy(default_params)
+    raw["datasets"]["my data"] = raw["datasets"]["textures"]
+    with pytest.raises(ConfigError, match=r"datasets\.my data\.name.*without spaces"):
+        parse_params(raw)
+    raw = copy.deepcopy(default_params)
+    raw["datasets"]["textures"]["categories"] = ["metal nut"]
+    assert parse_params(raw).datasets["textures"].categories == ("metal nut",)

@@ -66,9 +66,12 @@ def test_prepare_refuses_a_folder_it_did_not_create_and_replaces_its_own(params_
     (mine / "notes.txt").unlink()  # an empty folder may be taken
     run_prepare(params)
     assert (mine / MARKER).is_file() and (mine / "brick/train/good").is_dir()
-    (mine / "brick/stray.png").write_bytes(b"left from an older run")
     run_prepare(params)  # its own folder is replaced as a whole
-    assert not (mine / "brick/stray.png").exists() and not list(project.glob("data/.textures.*"))
+    assert not list(project.glob("data/.textures.*"))
+    (mine / "brick/my_notes.txt").write_text("added by the user")  # not polarocc's: the folder is no longer replaced
+    with pytest.raises(UnsafePathError, match=r"embedded_data\.output: .*holds brick/my_notes\.txt"):
+        run_prepare(params)
+    assert (mine / "brick/my_notes.txt").read_text() == "added by the user"
 
 
 def test_prepare_accepts_the_folder_dvc_lock_records(params_dict: dict, tmp_path: Path) -> None:
@@ -80,17 +83,47 @@ def test_prepare_accepts_the_folder_dvc_lock_records(params_dict: dict, tmp_path
 
 
 def test_replace_folder_keeps_the_old_content_when_building_fails(tmp_path: Path) -> None:
-    out = claim(tmp_path / "out", "--out")
-    (out / "scores.csv").write_text("old")
+    out = tmp_path / "out"
+    replace_folder(out, "--out", "predict", lambda staging: (staging / "scores.csv").write_text("old"))
 
     def build(staging: Path) -> None:
         (staging / "scores.csv").write_text("half")
         raise DataError("bad image")
 
     with pytest.raises(DataError):
-        replace_folder(out, "--out", build)
+        replace_folder(out, "--out", "predict", build)
     assert (out / "scores.csv").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left behind
+
+
+def test_only_the_step_that_wrote_a_folder_may_replace_it_and_only_with_nothing_else_inside(tmp_path: Path) -> None:
+    def write(staging: Path) -> None:
+        (staging / "maps").mkdir()
+        (staging / "maps/a.npy").write_bytes(b"map")
+
+    replace_folder(tmp_path / "out", "--out", "predict", write)
+    with pytest.raises(UnsafePathError, match=r"--out: .*holds the output of polarocc predict, not of prepare"):
+        replace_folder(tmp_path / "out", "--out", "prepare", write)
+    (tmp_path / "out/maps/annotation.txt").write_text("mine")
+    with pytest.raises(UnsafePathError, match=r"holds maps/annotation\.txt, which polarocc did not write"):
+        replace_folder(tmp_path / "out", "--out", "predict", write)
+    assert (tmp_path / "out/maps/annotation.txt").read_text() == "mine"
+    claim(tmp_path / "visa", "OUT", "convert-visa")
+    with pytest.raises(UnsafePathError, match=r"OUT: .*polarocc convert-visa, not of predict"):
+        claim(tmp_path / "visa", "OUT", "predict")
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    from polarocc.ownership import write_marker
+
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    for leftover in (tmp_path / f".out.partial-{dead}", tmp_path / f".out.old-{dead}"):
+        leftover.mkdir()
+        write_marker(leftover, "predict", [])
+    mine = tmp_path / f".out.partial-{dead + 1}"
+    mine.mkdir()  # not marked: not polarocc's, kept
+    replace_folder(tmp_path / "out", "--out", "predict", lambda staging: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "out"]
 
 
 def test_names_and_paths_stay_inside(tmp_path: Path) -> None:
@@ -234,11 +267,11 @@ def test_predict_output_paths_that_cannot_be_folders_are_one_line_errors(tmp_pat
 
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UnsafePathError, match=r"--out: cannot create the folder"):
-        replace_folder(tmp_path / "a_file/sub", "--out", lambda staging: None)
+        replace_folder(tmp_path / "a_file/sub", "--out", "predict", lambda staging: None)
     monkeypatch.chdir(tmp_path)
     for here in (".", str(tmp_path.parent)):
         with pytest.raises(UnsafePathError, match=r"--out: .*current folder"):
-            replace_folder(Path(here), "--out", lambda staging: None)
+            replace_folder(Path(here), "--out", "predict", lambda staging: None)
     (tmp_path / "list.txt").write_bytes(b"\xff\xfe bad bytes")
     with pytest.raises(DataError, match=r"list file .*list\.txt as UTF-8"):
         collect_images([], tmp_path / "list.txt")
@@ -273,3 +306,30 @@ def test_the_malicious_payload_really_runs_code_when_loaded_unsafely(tmp_path: P
     torch.save({"x": _WritesAFile(touched)}, tmp_path / "file.pt")
     torch.load(tmp_path / "file.pt", weights_only=False)  # what polarocc never does
     assert touched.exists()
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    from polarocc.atomic import FILE_MODE
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_text(tmp_path / "report.md", "x")
+    assert path.stat().st_mode & 0o777 == FILE_MODE == 0o666 & ~mask
+
+
+def test_weights_with_nan_are_refused_by_name(tmp_path: Path) -> None:
+    from polarocc.models.weights import converted_package_weights, read_state_dict
+
+    state = torch.load(converted_package_weights(), weights_only=True)
+    state["blocks.1.0.conv_pw.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(PolaroccError, match=r"nan\.pth holds NaN or Inf in blocks\.1\.0\.conv_pw\.weight"):
+        read_state_dict(tmp_path / "nan.pth")
+
+
+def test_an_unreachable_scheduler_is_named_before_any_work(params_dict: dict, tmp_path: Path) -> None:
+    from polarocc.pipeline.validate import validate_environment
+
+    params_dict["extract"]["scheduler"] = "tcp://127.0.0.1:1"
+    with pytest.raises(PolaroccError, match=r"extract\.scheduler: no dask scheduler answers at tcp://127\.0\.0\.1:1"):
+        validate_environment(load_params(write_params(params_dict, tmp_path)))

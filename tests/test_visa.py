@@ -143,3 +143,34 @@ def test_cli_refuses_unsafe_category(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["convert-visa", str(tmp_path / "visa"), str(tmp_path / "out"), "-c", "../x"])
     assert result.exit_code == 2 and "--category: '../x' cannot name a folder" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_someone_else_put_at_a_target_path_is_not_overwritten(tmp_path: Path) -> None:
+    _visa(tmp_path / "visa")
+    convert_visa(tmp_path / "visa", tmp_path / "out", ["candle"], progress=False)
+    mine = tmp_path / "out/pcb1/train/good/0000.JPG"  # where the pcb1 conversion would write
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own photo")
+    (tmp_path / "out/README.txt").write_text("notes")  # an unrelated file beside the conversion is fine
+    with pytest.raises(UnsafePathError, match=r"0000\.JPG exists and was not written by polarocc convert-visa"):
+        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert mine.read_bytes() == b"my own photo"
+    mine.unlink()
+    convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert (tmp_path / "out/README.txt").read_text() == "notes"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "cp1252", "utf-8-sig"])
+def test_split_csv_encodings(tmp_path: Path, encoding: str) -> None:
+    _visa(tmp_path / "visa")
+    csv = tmp_path / "visa/split_csv/1cls.csv"
+    text = csv.read_text()
+    if encoding == "cp1252":
+        text = text.replace("candle,train,normal", "cändle,train,normal", 1)
+    csv.write_bytes(text.encode(encoding))
+    if encoding == "utf-8-sig":  # a byte-order mark, as spreadsheet programs save: read as UTF-8
+        assert convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)["candle"]["train/good"] == 2
+        return
+    with pytest.raises(DataError, match=r"1cls\.csv is not a UTF-8 CSV file"):
+        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from polarocc.atomic import save_image
 from polarocc.data.images import image_size, open_image
-from polarocc.errors import DataError
-from polarocc.ownership import claim, inside, safe_name
+from polarocc.errors import DataError, UnsafePathError
+from polarocc.ownership import claim, inside, record, safe_name
 
 SPLIT_CSV = Path("split_csv/1cls.csv")
 COLUMNS = ("object", "split", "label", "image", "mask")
@@ -78,13 +78,18 @@ def _read_rows(root: Path) -> list[tuple[int, dict[str, str]]]:
     path = Path(root) / SPLIT_CSV
     if not path.is_file():
         raise DataError(f"{path} not found: point the path at the original VisA folder (the one holding split_csv/)")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path} lacks the column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
-        # a short row leaves None in its missing columns; the line number names the row in errors
-        return [(reader.line_num, {c: (row.get(c) or "").strip() for c in COLUMNS}) for row in reader]
+    try:
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path} lacks the column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+            # a short row leaves None in its missing columns; the line number names the row in errors
+            return [(reader.line_num, {c: (row.get(c) or "").strip() for c in COLUMNS}) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} is not a UTF-8 CSV file ({exc}); save it as UTF-8 text with the columns "
+                        f"{', '.join(COLUMNS)}") from exc
 
 
 def read_split_csv(root: Path) -> list[dict[str, str]]:
@@ -157,7 +162,16 @@ def convert_visa(root: Path, out: Path, categories: list[str] | None = None, pro
                 raise DataError(f"{SPLIT_CSV} lines {seen[target]} and {item.line} both write {target}; image "
                                 "file names must be unique per object and folder")
             seen[target] = item.line
-    claim(out, OUT_KEY)
+    marker = claim(out, OUT_KEY, "convert-visa")
+    base = out.resolve()
+    targets = [t for item in plan for t in (item.target, item.mask_target) if t is not None]
+    names = [t.relative_to(base).as_posix() for t in targets]
+    foreign = [t for name, t in zip(names, targets, strict=True)
+               if (t.exists() or t.is_symlink()) and name not in marker["files"]]
+    if foreign:
+        raise UnsafePathError(f"{OUT_KEY}: {foreign[0]} exists and was not written by polarocc convert-visa; move "
+                              "it away or choose another OUT")
+    record(out, "convert-visa", names)  # before writing: a run stopped half-way may replace them next time
     counts: Counter[tuple[str, str]] = Counter()
     for item in tqdm(plan, desc="convert VisA", unit="image", disable=not progress):
         if item.mask is not None and item.mask_target is not None:

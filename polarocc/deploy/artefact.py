@@ -154,14 +154,20 @@ def is_model_file(path: Path | str) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
-def save_artefact(path: Path | str, artefact: ModelArtefact) -> Path:
-    """Write the artefact atomically (a crash leaves the previous file intact). An existing file is replaced
-    only when it is a polarocc model file: polarocc never overwrites files it did not create."""
+def check_model_target(path: Path | str) -> None:
+    """Fail unless a model file may be written at ``path``: nothing is there yet, or a polarocc model file is
+    (polarocc never overwrites files it did not create). Call it before the work that makes the model."""
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not is_model_file(path):
         what = "a folder" if path.is_dir() else "a file that is not a polarocc model"
         raise UnsafePathError(f"{path} exists and is {what}; polarocc never overwrites files it did not create. "
                               "Choose another path, or remove it yourself")
+
+
+def save_artefact(path: Path | str, artefact: ModelArtefact) -> Path:
+    """Write the artefact atomically (a crash leaves the previous file intact), where
+    :func:`check_model_target` allows."""
+    check_model_target(path)
     return torch_save_atomic(artefact.to_dict(), path)
 
 

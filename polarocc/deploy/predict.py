@@ -59,7 +59,7 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
     polarocc output (it carries polarocc's marker); anything else is refused before any scoring.
     """
     out = Path(out)
-    check_replaceable(out, "--out")
+    check_replaceable(out, "--out", "predict")
     check_files([Sample(p, 0) for p in images], progress)  # a bad file stops the run by name, before scoring
     names = output_names(images)
 
@@ -84,5 +84,5 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
             writer.writerow(COLUMNS)
             writer.writerows(rows)
 
-    replace_folder(out, "--out", build)
+    replace_folder(out, "--out", "predict", build)
     return pl.read_csv(out / "scores.csv", schema_overrides={"map": pl.String, "overlay": pl.String})

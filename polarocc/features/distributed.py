@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from polarocc.data.images import Geometry, resize_crop
 from polarocc.data.samples import Sample
+from polarocc.errors import ConfigError
 from polarocc.features import store as fs
 from polarocc.features.extract import CategoryExtractor, check_finite, store_fingerprint
 from polarocc.models.backbone import build_extractor, build_pooled_extractor
@@ -104,7 +105,11 @@ def make_client(scheduler: str, workers: int, threads_per_worker: int, gpu: bool
                                resources={"GPU": 1} if gpu else None)
         client = Client(cluster)
     else:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler, timeout=30)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"extract.scheduler: cannot connect to the dask scheduler at {scheduler} "
+                              f"({type(exc).__name__}); start it or use local or inprocess") from exc
     client.register_plugin(TorchThreads(threads_per_worker))
     return client
 

@@ -140,4 +140,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise WeightsError(f"backbone.weights: {path} holds no state dict (a mapping of names to tensors). {fix}")
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise WeightsError(f"backbone.weights: {path} holds NaN or Inf in {broken}; the file is damaged. {fix}")
     return {k.removeprefix("module."): v for k, v in state.items()}

@@ -9,10 +9,10 @@ import torch
 from tqdm import tqdm
 
 from polarocc.config import Params, validate_norm
-from polarocc.deploy.artefact import ModelArtefact, save_artefact, score_settings
+from polarocc.deploy.artefact import ModelArtefact, check_model_target, save_artefact, score_settings
 from polarocc.deploy.threshold import quantile_threshold
 from polarocc.device import pick_device
-from polarocc.errors import ModelError
+from polarocc.errors import ConfigError, ModelError
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
@@ -42,6 +42,13 @@ def export_variant(params: Params, norm: float, distribution: str, dataset: str,
         known = ", ".join(params.datasets)
         raise ModelError(f"dataset {dataset!r} has no Protocol B models (declared: {known}); Protocol A models "
                          "score pooled whole-image features and cannot be exported for predict yet")
+    if category not in params.datasets[dataset].categories:
+        raise ConfigError(f"category {category!r} is not one of datasets.{dataset}.categories "
+                          f"({', '.join(params.datasets[dataset].categories)})")
+    if distribution not in params.sweep.distributions or norm not in [float(n) for n in params.sweep.norms]:
+        raise ConfigError(f"the {distribution} center of norm {norm:g} is not in the sweep (sweep.distributions, "
+                          "sweep.norms): add it there and run `dvc repro`, then export")
+    check_model_target(out or paths.deploy_model(params, dataset, category))
     store = FeatureStore(paths.feature_store(params, dataset, category))
     path = paths.model_file(params, norm, distribution, dataset, category)
     projector, center, meta = load_model(path, store)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAMLError
 
-from polarocc.config import Params, norm_label, resolve
+from polarocc.config import Params, norm_label, read_yaml, resolve
 from polarocc.errors import UnsafePathError
 from polarocc.ownership import check_replaceable, inside
 
@@ -119,21 +119,24 @@ def embedded_output(params: Params) -> Path:
     out = inside(params.root, resolve(params, params.embedded_data.output), key)
     if out == params.root.resolve():
         raise UnsafePathError(f"{key}: the project folder itself cannot be the generated dataset; use data/textures")
-    check_replaceable(out, key, recorded_outputs(params.root))
+    check_replaceable(out, key, "prepare", recorded_outputs(params.root, "prepare"))
     return out
 
 
-def recorded_outputs(root: Path) -> frozenset[Path]:
-    """Outputs dvc.lock records for this project (resolved): folders DVC made from this project's stages."""
+def recorded_outputs(root: Path, stage: str) -> frozenset[Path]:
+    """Outputs dvc.lock records for one stage of this project (resolved): what DVC made from that stage."""
     lock = Path(root) / "dvc.lock"
     if not lock.is_file():
         return frozenset()
     try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    except yaml.YAMLError:
+        stages = (read_yaml(lock.read_text()) or {}).get("stages", {})
+    except (YAMLError, UnicodeDecodeError, AttributeError):
         return frozenset()
-    return frozenset((Path(root) / out["path"]).resolve() for stage in stages.values() if isinstance(stage, dict)
-                     for out in stage.get("outs", []) if isinstance(out, dict) and "path" in out)
+    entry = stages.get(stage) if isinstance(stages, dict) else None
+    if not isinstance(entry, dict):
+        return frozenset()
+    return frozenset((Path(root) / out["path"]).resolve() for out in entry.get("outs", [])
+                     if isinstance(out, dict) and isinstance(out.get("path"), str))
 
 
 def params_check(params: Params) -> Path:

@@ -18,6 +18,6 @@ def run_prepare(params: Params) -> dict[str, dict[str, int]]:
     t = params.embedded_data
     spec = TextureSpec(train=t.train, test_good=t.test_good, defects_per_type=t.defects_per_type,
                        defect_types=t.defect_types, crop=t.crop, image_size=t.image_size)
-    return replace_folder(out, "embedded_data.output", lambda staging: make_textures(staging, t.categories, spec,
-                                                                                     t.seed),
-                          paths.recorded_outputs(params.root))
+    return replace_folder(out, "embedded_data.output", "prepare",
+                          lambda staging: make_textures(staging, t.categories, spec, t.seed),
+                          paths.recorded_outputs(params.root, "prepare"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
 from polarocc.data.textures import check_spec
-from polarocc.device import pick_device
+from polarocc.device import check_scheduler, pick_device
 from polarocc.models.backbone import check_layers, check_weights
 from polarocc.pipeline import paths
 
@@ -24,6 +24,7 @@ def validate_environment(params: Params) -> None:
     check_spec(params.embedded_data.categories, params.embedded_data.crop)
     pick_device(params.extract.device, "extract.device")
     pick_device(params.score.device, "score.device")
+    check_scheduler(params.extract.scheduler)
     paths.embedded_output(params)
     check_datasets_exist(params)
     check_protocol_a_paths(params)
