@@ -50,6 +50,17 @@ def _train_images(mvtec_tree: Path) -> list[Path]:
 # --- load_artefact / save_artefact ------------------------------------------------------------------------------
 
 
+def _load_changed(model: Path, tmp_path: Path, change) -> tuple[Path, str]:
+    """Save ``model``'s payload after ``change`` and load it: (the file, the one-line ModelError it gives)."""
+    payload = _payload(model)
+    change(payload)
+    broken = tmp_path / "broken.pt"
+    torch.save(payload, broken)
+    with pytest.raises(ModelError) as caught:
+        load_artefact(broken)
+    return broken, _one_line(caught)
+
+
 @pytest.mark.parametrize(("change", "named"), [
     (lambda p: p.pop("format_version"), "'format_version' is missing"),
     (lambda p: p.pop("center"), "'center' is missing"),
@@ -66,13 +77,7 @@ def _train_images(mvtec_tree: Path) -> list[Path]:
 ])
 def test_model_file_with_missing_or_mistyped_keys_fails_by_name(model_path: Path, tmp_path: Path,  # noqa: F811
                                                                  change, named: str) -> None:
-    payload = _payload(model_path)
-    change(payload)
-    broken = tmp_path / "broken.pt"
-    torch.save(payload, broken)
-    with pytest.raises(ModelError) as caught:
-        load_artefact(broken)
-    text = _one_line(caught)
+    broken, text = _load_changed(model_path, tmp_path, change)
     assert str(broken) in text and named in text and "re-export it with `polarocc export`" in text
 
 
@@ -84,13 +89,7 @@ def test_model_file_with_missing_or_mistyped_keys_fails_by_name(model_path: Path
 ])
 def test_model_file_with_nan_or_inf_fails_by_name(model_path: Path, tmp_path: Path, change,  # noqa: F811
                                                   part: str) -> None:
-    payload = _payload(model_path)
-    change(payload)
-    broken = tmp_path / "nan.pt"
-    torch.save(payload, broken)
-    with pytest.raises(ModelError) as caught:
-        load_artefact(broken)
-    text = _one_line(caught)
+    broken, text = _load_changed(model_path, tmp_path, change)
     assert str(broken) in text and part in text and "NaN or Inf" in text and "retrain or re-export" in text
 
 

@@ -9,7 +9,7 @@ from ruamel.yaml import YAMLError
 
 from polarocc.config import Params, norm_label, read_yaml, resolve
 from polarocc.errors import UnsafePathError
-from polarocc.ownership import check_replaceable, inside
+from polarocc.ownership import inside
 
 FEATURES = Path("data/features")
 PARTIAL = Path("data/.partial")
@@ -112,14 +112,17 @@ def overlay_plot(params: Params, dataset: str, category: str) -> Path:
     return params.root / REPORTS / "plots" / "analysis" / f"overlays_{dataset}_{file_stem(category)}.png"
 
 
+EMBEDDED_KEY = "embedded_data.output"
+
+
 def embedded_output(params: Params) -> Path:
-    """The folder the ``prepare`` stage writes (``embedded_data.output``), checked to lie inside the project and
-    to be replaceable: absent, empty, marked as polarocc's, or recorded as an output in dvc.lock."""
-    key = "embedded_data.output"
-    out = inside(params.root, resolve(params, params.embedded_data.output), key)
+    """The folder the ``prepare`` stage writes (``embedded_data.output``), resolved and checked to lie inside the
+    project. Whether it may be replaced is :func:`polarocc.ownership.check_replaceable`'s question, with
+    ``recorded_outputs(root, "prepare")`` as the folders dvc.lock says the stage wrote."""
+    out = inside(params.root, resolve(params, params.embedded_data.output), EMBEDDED_KEY)
     if out == params.root.resolve():
-        raise UnsafePathError(f"{key}: the project folder itself cannot be the generated dataset; use data/textures")
-    check_replaceable(out, key, "prepare", recorded_outputs(params.root, "prepare"))
+        raise UnsafePathError(f"{EMBEDDED_KEY}: the project folder itself cannot be the generated dataset; use "
+                              "data/textures")
     return out
 
 

@@ -11,13 +11,13 @@ from polarocc.pipeline import paths
 def run_prepare(params: Params) -> dict[str, dict[str, int]]:
     """(Re)generate ``embedded_data.output``: built beside it and swapped in only when complete.
 
-    The folder must lie inside the project and be absent, empty or polarocc's own; anything else is
-    refused before anything is written.
+    The folder must lie inside the project and be absent, empty or polarocc's own (see
+    :func:`polarocc.ownership.replace_folder`); anything else is refused before anything is written.
     """
     out = paths.embedded_output(params)
     t = params.embedded_data
     spec = TextureSpec(train=t.train, test_good=t.test_good, defects_per_type=t.defects_per_type,
                        defect_types=t.defect_types, crop=t.crop, image_size=t.image_size)
-    return replace_folder(out, "embedded_data.output", "prepare",
+    return replace_folder(out, paths.EMBEDDED_KEY, "prepare",
                           lambda staging: make_textures(staging, t.categories, spec, t.seed),
                           paths.recorded_outputs(params.root, "prepare"))

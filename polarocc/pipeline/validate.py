@@ -13,6 +13,7 @@ from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
 from polarocc.data.textures import check_spec
 from polarocc.device import check_scheduler, pick_device
 from polarocc.models.backbone import check_layers, check_weights
+from polarocc.ownership import check_replaceable
 from polarocc.pipeline import paths
 
 
@@ -25,7 +26,8 @@ def validate_environment(params: Params) -> None:
     pick_device(params.extract.device, "extract.device")
     pick_device(params.score.device, "score.device")
     check_scheduler(params.extract.scheduler)
-    paths.embedded_output(params)
+    check_replaceable(paths.embedded_output(params), paths.EMBEDDED_KEY, "prepare",
+                      paths.recorded_outputs(params.root, "prepare"))
     check_datasets_exist(params)
     check_protocol_a_paths(params)
 
