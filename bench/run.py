@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,15 +49,30 @@ from polarocc.training.gram import train_gram  # noqa: E402
 BENCHES = ("extraction", "training_default", "training_1792", "dvc", "metrics", "cluster")
 
 
-def bench_extraction(params, category: str = "brick") -> dict:
-    """Images/s of the full extraction of one category (train + test) against the raw backbone forward
-    on the same batches, with the cost of each part of the extraction per shard."""
+def bench_extraction(params, category: str = "brick", repeat: int = 3) -> dict:
+    """Images/s of the full extraction of one category (train + test) against the raw backbone forward on the
+    same batches, with the cost of each part of the extraction per shard.
+
+    The extraction takes the extract stage's own path (``run_extract`` with the in-process scheduler): the store
+    layout with ``train.statistics`` resolved as the stage resolves it, a CategoryExtractor on ``extract.device``,
+    ``extract_category``. The raw forward and the extraction (in both statistics modes, the stage's first) run
+    interleaved ``repeat`` times in this process, so that load from other processes hits them alike; the rates
+    are medians and the ratio is the median over the repetitions of raw / extraction seconds."""
+    from polarocc.device import pick_device
+    from polarocc.features.budget import STORED, STREAMED, resolve_statistics
+
     b, e = params.backbone, params.extract
     extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
+    device = pick_device(e.device, "extract.device")
     geometry = Geometry(b.resize, b.crop)
     samples = read_category(paths.dataset_root(params, "textures"), category)
-    runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype)
+    runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, device)
     everything = samples["train"] + samples["test"]
+    spec = extractor.spec(b.crop)
+    stage_mode = resolve_statistics(params.train.statistics, spec.channels, spec.height, spec.width, e.dtype)
+    modes = [stage_mode] + [m for m in (STORED, STREAMED) if m != stage_mode]
+    layouts = {m: fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
+                                 e.compressor, e.level, stored_statistics=m == STORED) for m in modes}
 
     def seconds(fn, repeat: int = 3) -> float:
         start = time.perf_counter()
@@ -66,39 +80,71 @@ def bench_extraction(params, category: str = "brick") -> dict:
             fn()
         return (time.perf_counter() - start) / repeat
 
+    def synchronized(fn):
+        def run():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
     images = runner.load(everything)
-    batches = [torch.from_numpy(images[i:i + e.batch_size]) for i in range(0, len(images), e.batch_size)]
-    extractor(batches[0])  # warm-up
-    raw = len(images) / seconds(lambda: [extractor.raw_forward(x) for x in batches], 1)
-    spec = extractor.spec(b.crop)
-    layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images, e.compressor,
-                            e.level)
+    batches = [torch.from_numpy(images[i:i + e.batch_size]).to(device) for i in range(0, len(images), e.batch_size)]
+    raw_pass = synchronized(lambda: [extractor.raw_forward(x) for x in batches])
+    raw_pass()  # warm-up
+    extractor(batches[0])
+    times: dict[str, list[float]] = {"raw": [], **{m: [] for m in modes}}
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        extract_category(runner, samples, layout, {"name": b.name}, Path(tmp) / "final.zarr",
-                         Path(tmp) / "partial.zarr", progress=False)
-        full = len(everything) / (time.perf_counter() - start)
-        stored = sum(f.stat().st_size for f in (Path(tmp) / "final.zarr").rglob("*") if f.is_file())
-        store = FeatureStore(Path(tmp) / "final.zarr")
+        for r in range(repeat):
+            times["raw"].append(seconds(raw_pass, 1))
+            for m in modes:
+                out = Path(tmp) / f"{m}-{r}"
+                start = time.perf_counter()
+                extract_category(runner, samples, layouts[m], {"name": b.name}, out / "final.zarr",
+                                 out / "partial.zarr", progress=False)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[m].append(time.perf_counter() - start)
+                if not (m == stage_mode and r == repeat - 1):
+                    shutil.rmtree(out)
+        final = Path(tmp) / f"{stage_mode}-{repeat - 1}" / "final.zarr"
+        stored = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+        store = FeatureStore(final)
         shard = store.features("train")[: e.shard_images]
+        items = samples["train"][: e.shard_images]
         shard_images = images[: e.shard_images]
-        scratch = zarr.create_array(Path(tmp) / "scratch.zarr", shape=shard.shape, dtype=e.dtype,
-                                    chunks=(1, *shard.shape[1:]), shards=shard.shape,
-                                    compressors=fs._compressors(e.compressor, e.level))
+        scratch = fs.create_or_resume(Path(tmp) / "scratch.zarr", "bench", layouts[stage_mode], {"train": items}, {})
+        first = synchronized(lambda: extractor.raw_forward(torch.from_numpy(shard_images).to(device)))
         parts = {
-            "decode": seconds(lambda: runner.load(everything[: e.shard_images])),
-            "raw_forward": seconds(lambda: extractor.raw_forward(torch.from_numpy(shard_images))),
+            "decode": seconds(lambda: runner.load(items)),
+            "raw_forward": seconds(first),
             "forward_and_aggregation": seconds(lambda: runner.features(shard_images)),
             "gram_and_sums_float64": seconds(lambda: gram_and_sums(shard)),
-            "zarr_write": seconds(lambda: scratch.__setitem__(slice(None), shard)),
+            f"write_train_shard_{stage_mode}": seconds(lambda: runner.write(scratch["train"], 0, len(items), items,
+                                                                           shard)),
         }
+    n = len(everything)
+    raw = np.array(times["raw"])
+
+    def rate(mode: str) -> float:
+        return round(n / float(np.median(times[mode])), 2)
+
+    def ratio(mode: str) -> float:
+        return round(float(np.median(raw / np.array(times[mode]))), 3)
+
     raw_bytes = spec.channels * spec.height * spec.width * np.dtype(e.dtype).itemsize
-    return {"category": category, "images": len(everything), "raw_forward_images_per_s": round(raw, 2),
-            "extraction_images_per_s": round(full, 2), "ratio": round(full / raw, 3),
+    other = modes[1]
+    return {"category": category, "images": n, "device": device, "repeat": repeat, "statistics": stage_mode,
+            "raw_forward_images_per_s": rate("raw"), "extraction_images_per_s": rate(stage_mode),
+            "ratio": ratio(stage_mode),
+            f"extraction_{other}_images_per_s": rate(other), f"ratio_{other}": ratio(other),
+            "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
             "seconds_per_shard": {k: round(v, 4) for k, v in parts.items()}, "shard_images": e.shard_images,
-            "feature_bytes_per_image": raw_bytes, "stored_bytes_per_image": stored // len(everything),
-            "note": "extraction = image decoding + forward + aggregation + Gram/sums (train) or masks (test) + "
-                    "zarr write, decoding and writing overlapped with the forward in threads"}
+            "feature_bytes_per_image": raw_bytes, "stored_bytes_per_image": stored // n,
+            "note": f"extraction = extract_category as the extract stage runs it (train.statistics "
+                    f"{params.train.statistics} -> {stage_mode}): image decoding (a reader thread, one shard ahead) + "
+                    "forward + aggregation written in the store dtype on the main thread, back to back across the "
+                    "splits + NaN/Inf check, zarr write, Gram/sums (train) or masks (test) in a writer thread; "
+                    f"raw forward and extraction interleaved {repeat} times, medians"}
 
 
 def bench_training_default(params, category: str = "brick") -> dict:

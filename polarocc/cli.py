@@ -54,6 +54,23 @@ def validate(params: Path = PARAMS) -> None:
 
 @app.command()
 @_user_errors
+def plan(params: Path = PARAMS,
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Before running: images per split, bytes of features, statistics, models and DVC cache, free disk and peak
+    memory per stage (estimates); exits 1 when the run does not fit this machine."""
+    import json
+
+    from polarocc.config import load_params
+    from polarocc.planning import format_plan, make_plan
+
+    result = make_plan(load_params(params))
+    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_plan(result))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
 def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help="only this dataset"),
             per_category: bool = typer.Option(False, "--per-category", help="one row per category")) -> None:
     """Print the results of the last `dvc repro` (reports/results.csv) as a table."""

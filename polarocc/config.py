@@ -24,6 +24,7 @@ DISTRIBUTIONS = ("normal", "uniform", "ones", "feature_mean")
 REDUCTIONS = ("max", "mean", "topk")
 PROJECTORS = ("conv1x1", "linear")
 TRAINERS = ("gram", "direct")
+STATISTICS = ("auto", "stored", "streamed")
 DATASET_FORMATS = ("mvtec",)
 CLASSIFICATION_FORMATS = ("digits", "cifar10", "cifar100", "fashion_mnist", "image_folder", "mvtec")
 FEATURE_DTYPES = ("float16", "float32")
@@ -327,12 +328,15 @@ class TrainConfig:
     radius: float = 1e-5
     seed: int = 1024
     dtype: str = "float64"
-    stats_memory_mb: int = 4096  # Gram matrices above this are read from disk one batch at a time
+    stats_memory_mb: int = 4096  # in memory up to this: stored Gram matrices (on a GPU also streamed features)
+    statistics: str = "auto"  # stored (per-image Gram at extraction) | streamed (per batch, every epoch) | auto
+    device: str = "auto"  # where the statistics and the steps are computed
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
-        "trainer": one_of(*TRAINERS), "epochs": POSITIVE, "batch_size": POSITIVE, "lr": real(0, low_open=True),
+        "trainer": one_of(*TRAINERS), "statistics": one_of(*STATISTICS), "epochs": POSITIVE,
+        "batch_size": POSITIVE, "lr": real(0, low_open=True),
         "weight_decay": real(0), "radius": real(0, low_open=True), "seed": SEED,
-        "dtype": one_of("float32", "float64"), "stats_memory_mb": POSITIVE}
+        "dtype": one_of("float32", "float64"), "stats_memory_mb": POSITIVE, "device": one_of(*DEVICES)}
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,18 @@ def test_polar_quantiles_come_from_a_bounded_sample() -> None:
         assert sampled[kind]["radius"] != full[kind]["radius"]
 
 
+def test_polar_summary_without_anomalous_vectors_has_empty_entries() -> None:
+    accumulator = PolarAccumulator(torch.ones(4))
+    labels = torch.full((2, 8, 8), NORMAL, dtype=torch.int8)
+    labels[1, 0, 0] = IGNORED  # a defect too thin to cover half of any feature cell
+    accumulator.add(torch.randn(2, 4, 8, 8), labels)
+    summary = accumulator.summary()
+    assert summary["cosine_normal_anomalous"] is None
+    assert summary["normal"]["count"] == 127 and summary["normal"]["radius"]["q50"] > 0
+    assert summary["anomalous"]["count"] == 0
+    assert summary["anomalous"]["radius"]["q50"] is None and summary["anomalous"]["angle_deg"]["mean"] is None
+
+
 def test_position_labels() -> None:
     masks = np.zeros((2, 8, 8), dtype=bool)
     masks[1, :4, :4] = True  # the top-left quarter of image 1 is defective

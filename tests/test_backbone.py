@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,16 @@ import torch
 from skimage import data
 
 from polarocc.errors import ConfigError, WeightsError
-from polarocc.models.backbone import MultiScaleAggregator, build_extractor, build_pooled_extractor, check_layers
+from polarocc.models import weights as weights_module
+from polarocc.models.backbone import (
+    MultiScaleAggregator,
+    build_extractor,
+    build_pooled_extractor,
+    check_layers,
+    check_weights,
+)
 from polarocc.models.weights import (
+    NotPretrainedWarning,
     check_weights_available,
     convert_efficientnet_pytorch,
     converted_package_weights,
@@ -89,9 +98,42 @@ def test_aggregator_pools_upsamples_concatenates() -> None:
 
 
 def test_other_timm_backbone_random_weights() -> None:
-    extractor = build_extractor("resnet18", (1, 2), weights="none")
+    extractor = build_extractor("resnet18", (1, 2), weights="random", warn=False)
     out = extractor(torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8))
     assert out.shape == (1, 64 + 128, 16, 16)
+
+
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone() -> None:
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = build_extractor("resnet18", (1, 2), weights="random", warn=False)(images)
+    assert torch.equal(torch.random.get_rng_state(), state)  # forked: the caller's random stream is unchanged
+    second = build_extractor("resnet18", (1, 2), weights="random", warn=False)(images)
+    alias = build_extractor("resnet18", (1, 2), weights="none", warn=False)(images)
+    assert torch.equal(first, second) and torch.equal(first, alias)
+    assert first.abs().sum() > 0
+    pooled = [build_pooled_extractor("resnet18", weights="random", warn=False)(images) for _ in range(2)]
+    assert torch.equal(pooled[0], pooled[1])
+
+
+def test_random_weights_warn_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_module, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_extractor("resnet18", (1,), weights="random")
+        build_extractor("resnet18", (2,), weights="random")
+        build_pooled_extractor("resnet18", weights="random")
+        build_extractor("resnet18", (1,), weights="random", warn=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, NotPretrainedWarning)]
+    assert len(messages) == 1
+    assert "resnet18" in messages[0] and "not pretrained" in messages[0] and "NOT anomaly detection" in messages[0]
+
+
+def test_random_weights_pass_validation_for_any_timm_model() -> None:
+    for name in ("wide_resnet50_2", "resnet18", "tf_efficientnet_lite0"):
+        check_weights_available(name, "random")
+        check_weights(name, "random")
 
 
 def test_errors() -> None:
@@ -102,7 +144,7 @@ def test_errors() -> None:
     with pytest.raises(WeightsError, match=r"no weights file at .*missing.pth"):
         build_extractor("resnet18", (1,), weights=str(Path("/nonexistent/missing.pth")))
     with pytest.raises(ConfigError, match=r"backbone.layers"):
-        build_extractor("resnet18", (1, 9), weights="none")
+        build_extractor("resnet18", (1, 9), weights="random")
 
 
 def test_local_weights_file(tmp_path: Path) -> None:
@@ -174,7 +216,7 @@ def test_check_layers() -> None:
 
 
 def test_check_weights_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for weights in ("package", "hub", "none"):
+    for weights in ("package", "hub", "random", "none"):
         check_weights_available("tf_efficientnet_lite0", weights)
     check_weights_available("resnet18", "hub")
     missing = tmp_path / "missing.pth"

@@ -29,26 +29,35 @@ ARRAYS = ("train/features", "train/gram", "train/sums", "test/features", "test/m
 def _assert_same_store(a: Path, b: Path) -> None:
     ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
     assert ga.attrs["fingerprint"] == gb.attrs["fingerprint"] and gb.attrs["complete"]
-    for name in ARRAYS:
+    present = [name for name in ARRAYS if name in ga]  # train/gram only where statistics are stored
+    assert present == [name for name in ARRAYS if name in gb] and "train/sums" in present
+    for name in present:
         assert np.array_equal(ga[name][:], gb[name][:]), name
 
 
-def _project(extracted_project: Path, folder: Path, **extract) -> Path:
+def _project(extracted_project: Path, folder: Path, statistics: str = "auto", **extract) -> Path:
     shutil.copytree(extracted_project, folder)
     shutil.rmtree(folder / "data", ignore_errors=True)
     raw = yaml.safe_load((folder / "params.yaml").read_text())
     raw["extract"].update(extract)
+    raw["train"]["statistics"] = statistics
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     return folder
 
 
-def test_two_worker_local_cluster_writes_the_in_process_store(extracted_project: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("statistics", ["auto", "stored"])  # auto: streamed at these tiny 16 x 16 maps
+def test_two_worker_local_cluster_writes_the_in_process_store(extracted_project: Path, tmp_path: Path,
+                                                              statistics: str) -> None:
     # Conv kernels sum in an order that depends on the thread count: give the workers the in-process count.
-    project = _project(extracted_project, tmp_path / "dask", scheduler="local", workers=2,
+    project = _project(extracted_project, tmp_path / "dask", statistics, scheduler="local", workers=2,
                        threads_per_worker=torch.get_num_threads())
     params = load_params(project / "params.yaml")
     computed = run_extract(params, "mine", progress=False)
     reference = load_params(extracted_project / "params.yaml")
+    if statistics == "stored":
+        reference = load_params(_project(extracted_project, tmp_path / "inprocess", statistics) / "params.yaml")
+        run_extract(reference, "mine", progress=False)
+        assert "train/gram" in zarr.open_group(paths.feature_store(params, "mine", "brick"), mode="r")
     for category in ("brick", "gravel"):
         assert computed[category] == {"train": 2, "test": 2}  # 6 and 7 images in shards of 4
         _assert_same_store(paths.feature_store(reference, "mine", category),

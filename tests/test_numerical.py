@@ -65,9 +65,13 @@ def test_gram_statistics_read_from_disk_train_the_same_bits(extracted_project: P
 
     import torch
 
+    from polarocc.pipeline.extract import run_extract
+
     project = tmp_path / "project"
     shutil.copytree(extracted_project, project)
     params = load_params(project / "params.yaml")
+    params = replace(params, train=replace(params.train, statistics="stored"))
+    run_extract(params, "mine", progress=False)
     store = FeatureStore(paths.feature_store(params, "mine", "brick"))
     gram, _ = store.gram_stats(memory_bytes=2 ** 20)  # 6 x 176 x 176 float64 = 1.5 MB: stays on disk
     assert not isinstance(gram, np.ndarray)

@@ -61,17 +61,35 @@ def test_projector_kinds_agree() -> None:
     assert not torch.equal(conv.weight, Projector(5, "conv1x1", seed=4).weight)
 
 
-def test_functional_adam_equals_torch_adam() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_adam_equals_torch_adam(fused: bool) -> None:
+    """Bit-identical to torch.optim.Adam with the same kernel (single-tensor or fused)."""
     torch.manual_seed(0)
     p1 = torch.nn.Parameter(torch.randn(7, 3))
     p2 = torch.nn.Parameter(p1.detach().clone())
-    ours, reference = Adam([p1], lr=1e-2, weight_decay=5e-4), torch.optim.Adam([p2], lr=1e-2, weight_decay=5e-4)
+    ours = Adam([p1], lr=1e-2, weight_decay=5e-4, fused=fused)
+    reference = torch.optim.Adam([p2], lr=1e-2, weight_decay=5e-4, foreach=False, fused=fused)
     for _ in range(20):
         grad = torch.randn(7, 3)
         p1.grad, p2.grad = grad.clone(), grad.clone()
         ours.step()
         reference.step()
     torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+
+
+def test_fused_adam_differs_from_single_tensor_by_rounding_only() -> None:
+    torch.manual_seed(0)
+    start = torch.randn(64, 64, dtype=torch.float64)
+    fused, single = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    a, b = Adam([fused], lr=1e-2, weight_decay=5e-4), Adam([single], lr=1e-2, weight_decay=5e-4, fused=False)
+    assert a.fused and not b.fused
+    for _ in range(50):
+        grad = torch.randn(64, 64, dtype=torch.float64)
+        fused.grad, single.grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+    assert not torch.equal(fused, start)
+    torch.testing.assert_close(fused, single, rtol=1e-13, atol=1e-15)
 
 
 def test_schedule_is_seeded_and_complete() -> None:

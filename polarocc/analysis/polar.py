@@ -82,9 +82,12 @@ class PolarAccumulator:
 
     def summary(self) -> dict:
         """JSON-ready quantiles of radius (and angle) per kind, and the normal-anomalous cosine."""
-        out: dict = {"cosine_normal_anomalous": round(self.cross_cosine(), 6)}
+        # A kind can be empty (no defect covers half of any feature cell): its entries are then None.
+        both = self.count[NORMAL] and self.count[ANOMALOUS]
+        out: dict = {"cosine_normal_anomalous": round(self.cross_cosine(), 6) if both else None}
         for kind, name in ((NORMAL, "normal"), (ANOMALOUS, "anomalous")):
-            sample = self.sample[kind].rows.numpy()
+            rows = self.sample[kind].rows
+            sample = np.zeros((0, 2)) if rows is None else rows.numpy()
             entry = {"count": self.count[kind], "radius": _quantiles(sample[:, 0])}
             if self.center is not None:
                 entry["angle_deg"] = _quantiles(sample[:, 1])
@@ -92,7 +95,9 @@ class PolarAccumulator:
         return out
 
 
-def _quantiles(values: np.ndarray) -> dict[str, float]:
+def _quantiles(values: np.ndarray) -> dict[str, float | None]:
+    if not len(values):
+        return {"mean": None, **{f"q{int(q * 100):02d}": None for q in QUANTILES}}
     qs = np.quantile(values, QUANTILES)
     return {"mean": round(float(values.mean()), 6), **{f"q{int(q * 100):02d}": round(float(v), 6)
                                                       for q, v in zip(QUANTILES, qs, strict=True)}}

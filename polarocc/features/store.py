@@ -4,8 +4,9 @@ Layout of ``<category>.zarr``::
 
     attrs: fingerprint, spec (channels, height, width, crop, backbone ...), complete
     train/features (N, C, H, W)  float16, one chunk per image inside shards of ``shard_images`` images
-    train/gram     (N, C, C)     float64 per-image sum_p f_p f_p^T (from the stored, rounded features)
-    train/sums     (N, C)        float64 per-image sum_p f_p
+    train/gram     (N, C, C)     float64 per-image sum_p f_p f_p^T (from the stored, rounded features); only
+                                 when the training statistics are ``stored`` (see polarocc.training.statistics)
+    train/sums     (N, C)        float64 per-image sum_p f_p (always: the ``feature_mean`` center needs it)
     test/features  (N, C, H, W)
     test/masks     (N, crop, crop) bool
     <split>/done   (n_shards,)   bool, set after a shard's arrays are written
@@ -79,6 +80,7 @@ class StoreLayout:
     compressor: str = "zstd"
     level: int = 3
     image_level: bool = False  # Protocol A: no Gram statistics (one position per image) and no masks
+    stored_statistics: bool = True  # per-image Gram matrices (train.statistics 'stored'); else only sums
 
 
 def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, shard: int,
@@ -127,7 +129,8 @@ def create_or_resume(path: Path, fp: str, layout: StoreLayout, samples: dict[str
         if layout.image_level:
             continue
         if split == "train":
-            _create(sub, "gram", (n, c, c), "float64", per_shard, layout, per_image_chunks=False)
+            if layout.stored_statistics:
+                _create(sub, "gram", (n, c, c), "float64", per_shard, layout, per_image_chunks=False)
             _create(sub, "sums", (n, c), "float64", per_shard, layout, per_image_chunks=False)
         else:
             _create(sub, "masks", (n, layout.crop, layout.crop), "bool", per_shard, layout, per_image_chunks=False)
@@ -164,6 +167,19 @@ def finalize(partial: Path, final: Path) -> Path:
     if previous.exists():
         remove_store(previous)
     return final
+
+
+def read_rows(array: Any, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` of ``array`` (zarr or numpy) in ascending order, each run of consecutive rows read as
+    one slice: zarr's orthogonal indexing of integer arrays over sharded chunks costs seconds and hundreds of
+    MB per 11 MB image, a slice costs what it reads."""
+    order = np.sort(np.asarray(indices, dtype=np.int64))
+    if isinstance(array, np.ndarray):
+        return array[order]
+    breaks = np.flatnonzero(np.diff(order) != 1) + 1
+    runs = np.split(order, breaks)
+    parts = [np.asarray(array[int(run[0]):int(run[-1]) + 1]) for run in runs if len(run)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class FeatureStore:
@@ -208,6 +224,11 @@ class FeatureStore:
         for start in range(0, array.shape[0], size):
             stop = min(start + size, array.shape[0])
             yield np.arange(start, stop), array[start:stop]
+
+    @property
+    def has_stored_statistics(self) -> bool:
+        """Whether per-image Gram matrices were stored at extraction (``train.statistics`` stored)."""
+        return "gram" in self.group["train"]
 
     def gram_stats(self, memory_bytes: float = float("inf")) -> tuple[np.ndarray | zarr.Array, np.ndarray]:
         """Per-image Gram matrices (N, C, C) and sums (N, C) of the training split; the Gram matrices stay

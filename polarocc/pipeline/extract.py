@@ -11,6 +11,7 @@ from polarocc.data.images import Geometry
 from polarocc.device import pick_device
 from polarocc.errors import ConfigError
 from polarocc.features import store as fs
+from polarocc.features.budget import STORED, check_disk_for_extraction, resolve_statistics
 from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
 from polarocc.features.extract import CategoryExtractor, extract_category, read_category
 from polarocc.models.backbone import FeatureSpec, build_extractor, check_model_name
@@ -41,8 +42,13 @@ def run_extract(params: Params, dataset: str, progress: bool = True,
     geometry = Geometry(b.resize, b.crop)
     extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
     spec = extractor.spec(b.crop)
+    statistics = resolve_statistics(params.train.statistics, spec.channels, spec.height, spec.width, e.dtype)
     layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
-                            e.compressor, e.level)
+                            e.compressor, e.level, stored_statistics=statistics == STORED)
+    # Before the backbone sees any image: the stores must fit the free disk (partial stores are reused in place).
+    target = paths.feature_store(params, dataset, ds.categories[0]).parent
+    check_disk_for_extraction(dataset, layout, samples, target, str(target.relative_to(params.root)),
+                              [paths.partial_store(params, dataset, cat) for cat in ds.categories])
     device = pick_device(e.device, "extract.device")
     backbone = backbone_record(b, spec)
     if e.scheduler != "inprocess":

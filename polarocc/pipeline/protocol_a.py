@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,9 +36,8 @@ from polarocc.data.images import Geometry, resize_crop
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.device import pick_device
-from polarocc.errors import DataError
+from polarocc.errors import DataError, NumericalError
 from polarocc.features import store as fs
-from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
 from polarocc.features.extract import CategoryExtractor, extract_category
 from polarocc.features.store import FeatureStore
 from polarocc.models.backbone import build_pooled_extractor, check_model_name
@@ -42,11 +45,13 @@ from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths
 from polarocc.scoring.maps import project
-from polarocc.scoring.metrics import f1_max, image_auroc
-from polarocc.training.direct import train_direct
+from polarocc.training.direct import VariantLossDiverged, train_direct_lockstep
 from polarocc.training.schedule import TrainHistory
+from polarocc.training.threads import split_threads, threads_for, torch_threads
 
 STORE_NAME = "images"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def load_dataset(params: Params, ds: ClassificationDatasetConfig) -> ClassificationSplits:
@@ -162,6 +167,9 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
                 "data_digest": _digest(data)}
     final, partial = paths.feature_store(params, dataset, STORE_NAME), paths.partial_store(params, dataset, STORE_NAME)
     if e.scheduler != "inprocess":
+        # Imported here: dask's import costs every stage that imports this module (train, score) a second or so.
+        from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
+
         worker = WorkerSpec(b.name, (), 0, b.weights, tuple(spec.mean), tuple(spec.std), a.resize, a.crop,
                             e.batch_size, "float32", device, pooled=True)
         with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
@@ -204,14 +212,75 @@ def class_center(own: np.ndarray, distribution: str, norm: float, seed: int) -> 
 def fit_class(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
               distribution: str, on_step: Callable[[int, Projector], None] | None = None,
               ) -> tuple[Projector, torch.Tensor, TrainHistory]:
-    """Train on one class's training images (direct trainer: one feature vector per image)."""
+    """Train on one class's training images (direct trainer: one feature vector per image).
+
+    ``on_step(images_seen, projector)`` runs after every step. The same computation as :func:`fit_variants`
+    with one distribution (so a model trained here is the one :func:`fit_all` trains for it).
+    """
+    observer = None if on_step is None else lambda _, seen, projector: on_step(seen, projector)
+    return fit_variants(features, labels, label, params, norm, (distribution,), observer)[0]
+
+
+def step_flop(variants: int, batch_size: int, channels: int) -> float:
+    """FLOP of one lockstep step on pooled features: the forward product and the weight gradient, each
+    2 B C^2 per variant (the Adam update, ~10 C^2 per variant, is memory-bound and left out)."""
+    return 4.0 * variants * batch_size * channels * channels
+
+
+def fit_variants(features: np.ndarray, labels: np.ndarray, label: int, params: Params, norm: float,
+                 distributions: tuple[str, ...] | list[str],
+                 on_step: Callable[[int, int, Projector], None] | None = None,
+                 ) -> list[tuple[Projector, torch.Tensor, TrainHistory]]:
+    """Train one projector per center distribution on one class's training images, in lockstep (they share
+    the batches: same seed, same images) with :func:`train_direct_lockstep`; (projector, center, history) per
+    distribution. ``on_step(variant, images_seen, projector)`` runs after every step for every variant.
+
+    Small problems run on one torch thread (:func:`threads_for`): splitting their ops costs more than it gives,
+    most of all while another process keeps the cores busy.
+    """
     own = class_features(features, labels, label)
-    center = class_center(own, distribution, norm, params.center.seed)
     cfg = train_config(params)
-    projector = Projector(own.shape[1], params.projector.kind, params.projector.bias, seed=cfg.seed)
-    history = train_direct(projector, center, lambda idx: own[np.sort(idx)], len(own), cfg,
-                           on_step=None if on_step is None else lambda seen: on_step(seen, projector))
-    return projector, center, history
+    with torch_threads(threads_for(step_flop(len(distributions), min(cfg.batch_size, len(own)), own.shape[1]))):
+        return _train_variants(own, label, params, norm, tuple(distributions), on_step)
+
+
+def _train_variants(own: np.ndarray, label: int, params: Params, norm: float, distributions: tuple[str, ...],
+                    on_step: Callable[[int, int, Projector], None] | None = None,
+                    ) -> list[tuple[Projector, torch.Tensor, TrainHistory]]:
+    """:func:`fit_variants` on the class's own features ``own``, with the caller's torch thread setting."""
+    cfg = train_config(params)
+    centers = [class_center(own, d, norm, params.center.seed) for d in distributions]
+    projectors = [Projector(own.shape[1], params.projector.kind, params.projector.bias, seed=cfg.seed)
+                  for _ in distributions]
+    observer = None if on_step is None else lambda v, seen: on_step(v, seen, projectors[v])
+    try:
+        histories = train_direct_lockstep(projectors, centers, lambda idx: own[np.sort(idx)], len(own), cfg,
+                                          on_step=observer)
+    except VariantLossDiverged as exc:
+        raise NumericalError(f"Protocol A class index {label} with the {distributions[exc.index]} center of norm "
+                             f"{norm:g}: {exc}; lower the norm or the learning rate") from exc
+    return list(zip(projectors, centers, histories, strict=True))
+
+
+def _in_order(work: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
+    """``work(item)`` of every item, yielded in order; up to ``workers`` run at once on threads (torch ops
+    release the GIL), at most that many results wait ahead of the consumer."""
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="polarocc-fit") as pool:
+        pending: deque[Future[R]] = deque(pool.submit(work, item) for item in items[:workers])
+        upcoming = iter(items[workers:])
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in upcoming:
+                    pending.append(pool.submit(work, item))
+                    break
+                yield result
+        finally:  # an error or an abandoned generator: drop what has not started
+            for future in pending:
+                future.cancel()
 
 
 @torch.no_grad()
@@ -229,6 +298,8 @@ def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector:
 
 def image_metrics(anomalous: np.ndarray, scores: np.ndarray) -> dict:
     """Protocol A's metrics of image scores against 0/1 anomalous flags (no pixel metrics)."""
+    from polarocc.scoring.metrics import f1_max, image_auroc  # here: scikit-learn's import would cost train a second
+
     return {"protocol": "A", "image_auroc": image_auroc(anomalous, scores), "pixel_auroc": None,
             "aupro": None, "image_f1_max": f1_max(anomalous, scores), "pixel_f1_max": None,
             "n_test": len(anomalous), "n_anomalous": int(anomalous.sum())}
@@ -250,27 +321,62 @@ def chosen_classes(store: FeatureStore, ds: ClassificationDatasetConfig) -> list
 
 
 def fit_all(params: Params, norm: float):
-    """Yield (distribution, dataset, class name, store, projector, center, history) for every Protocol A model."""
+    """Yield (distribution, dataset, class name, store, projector, center, history) for every Protocol A model.
+
+    The distributions of a class train in lockstep (:func:`fit_variants`); models come class by class. Classes
+    train side by side, one per core with one torch thread each (:func:`split_threads`), when a class's steps
+    are large enough for :func:`threads_for` to give it every core: independent loops do not wait for each
+    other, so a core taken by another process slows one class instead of every op. Each class computes exactly
+    what :func:`fit_variants` computes for it alone. The thread setting holds until the generator is exhausted.
+    """
+    distributions = tuple(params.sweep.distributions)
+    cfg = train_config(params)
     for dataset, ds in params.protocol_a.datasets.items():
         store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
         features, labels, _ = load_split(store, "train")
-        for name, label in chosen_classes(store, ds):
-            for distribution in params.sweep.distributions:
-                yield (distribution, dataset, name, store,
-                       *fit_class(features, labels, label, params, norm, distribution))
+        classes = chosen_classes(store, ds)
+        largest = max((int((labels == label).sum()) for _, label in classes), default=1)
+        flop = step_flop(len(distributions), min(cfg.batch_size, largest), features.shape[1])
+        workers, threads = split_threads(threads_for(flop), len(classes))
+
+        def train(label: int, features: np.ndarray = features, labels: np.ndarray = labels,
+                  ) -> list[tuple[Projector, torch.Tensor, TrainHistory]]:
+            return _train_variants(class_features(features, labels, label), label, params, norm, distributions)
+
+        with torch_threads(threads), closing(_in_order(train, [label for _, label in classes], workers)) as results:
+            for (name, _), fitted in zip(classes, results, strict=True):
+                for distribution, (projector, center, history) in zip(distributions, fitted, strict=True):
+                    yield distribution, dataset, name, store, projector, center, history
 
 
 def score_all(params: Params, norm: float, load_model) -> dict:
-    """results[distribution][dataset][class] of every Protocol A model at ``norm``."""
+    """results[distribution][dataset][class] of every Protocol A model at ``norm``.
+
+    Classes are scored side by side like :func:`fit_all` trains them (one torch thread each when a model's
+    products are large enough for every core); the results are those of scoring them in turn.
+    """
     results: dict[str, dict] = {}
     for dataset, ds in params.protocol_a.datasets.items():
         store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
         features, labels, defective = load_split(store, "test")
         within = defective if ds.format == "mvtec" else None
-        for name, label in chosen_classes(store, ds):
+        classes = chosen_classes(store, ds)
+        flop = 2.0 * len(features) * features.shape[1] ** 2  # one model's product z = F W^T over the test split
+        workers, threads = split_threads(threads_for(flop), len(classes))
+
+        def score(item: tuple[str, int], dataset: str = dataset, store: FeatureStore = store,
+                  features: np.ndarray = features, labels: np.ndarray = labels,
+                  within: np.ndarray | None = within) -> dict[str, dict]:
+            name, label = item
+            scored = {}
             for distribution in params.sweep.distributions:
-                path = paths.model_file(params, norm, distribution, dataset, name)
-                projector, center, _ = load_model(path, store)
-                results.setdefault(distribution, {}).setdefault(dataset, {})[name] = score_class(
-                    features, labels, label, projector, center, params.score.squared, within)
+                projector, center, _ = load_model(paths.model_file(params, norm, distribution, dataset, name), store)
+                scored[distribution] = score_class(features, labels, label, projector, center, params.score.squared,
+                                                   within)
+            return scored
+
+        with torch_threads(threads), closing(_in_order(score, classes, workers)) as scored:
+            for (name, _), per_distribution in zip(classes, scored, strict=True):
+                for distribution, result in per_distribution.items():
+                    results.setdefault(distribution, {}).setdefault(dataset, {})[name] = result
     return results

@@ -25,6 +25,7 @@ def validate_environment(params: Params) -> None:
     check_spec(params.embedded_data.categories, params.embedded_data.crop)
     pick_device(params.extract.device, "extract.device")
     pick_device(params.score.device, "score.device")
+    pick_device(params.train.device, "train.device")
     check_scheduler(params.extract.scheduler)
     check_replaceable(paths.embedded_output(params), paths.EMBEDDED_KEY, "prepare",
                       paths.recorded_outputs(params.root, "prepare"))

@@ -30,25 +30,25 @@ def _basis(weight: torch.Tensor, gap: torch.Tensor, gram: torch.Tensor, total: t
 @torch.no_grad()
 def certified_min_distance_sq(projectors: list[Projector], centers: list[torch.Tensor],
                               batches: Callable[[], Iterable[np.ndarray]], gram: np.ndarray, sums: np.ndarray,
-                              pixels: int, radius: float, rank: int = 8) -> list[float]:
+                              pixels: int, radius: float, rank: int = 8, device: str = "cpu") -> list[float]:
     """Per (projector, center): a lower bound of min ||z - c||^2 over all training pixels, exact where <= R^2.
 
     ``gram`` and ``sums`` are the summed training statistics (C x C and C); ``pixels`` their pixel count.
-    A returned value <= R^2 is the exact distance of a pixel inside the radius.
+    A returned value <= R^2 is the exact distance of a pixel inside the radius. The products run on ``device``.
     """
-    g_total = torch.as_tensor(gram, dtype=torch.float64)
-    s_total = torch.as_tensor(sums, dtype=torch.float64)
+    g_total = torch.as_tensor(gram, dtype=torch.float64).to(device)
+    s_total = torch.as_tensor(sums, dtype=torch.float64).to(device)
     setup = []
     for projector, center in zip(projectors, centers, strict=True):
-        weight = projector.weight.detach().to(torch.float64)
-        center = center.to(torch.float64)
-        gap = -center if projector.bias is None else projector.bias.detach().to(torch.float64) - center
+        weight = projector.weight.detach().to(device, torch.float64)
+        center = center.to(device, torch.float64)
+        gap = -center if projector.bias is None else projector.bias.detach().to(device, torch.float64) - center
         q = _basis(weight, gap, g_total, s_total, pixels, min(rank, weight.shape[0]))
         setup.append((weight, gap, q.T @ weight, q.T @ gap))
     bound = [float("inf")] * len(setup)
     radius_sq = radius ** 2
     for features in batches():
-        f = torch.as_tensor(features).to(torch.float64).flatten(2).transpose(0, 1).flatten(1)  # (C, pixels)
+        f = torch.as_tensor(features).to(device).to(torch.float64).flatten(2).transpose(0, 1).flatten(1)  # (C, pixels)
         for i, (weight, gap, reduced, reduced_gap) in enumerate(setup):
             low = (reduced @ f + reduced_gap[:, None]).pow(2).sum(0)
             unsure = low <= radius_sq
