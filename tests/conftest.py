@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,4 +82,28 @@ def extracted_project(tmp_path_factory: pytest.TempPathFactory, default_params: 
     raw["protocol_c"] = {"datasets": ["mine"], "seed": 5}
     params = load_params(write_params(raw, folder))
     run_extract(params, "mine", progress=False)
+    return folder
+
+
+DVC_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def run_checked(args: list[str], cwd: Path) -> str:
+    """Run a command (git, dvc, a stage) in ``cwd``; fail the test with its output unless it succeeds."""
+    result = subprocess.run(args, cwd=cwd, env=DVC_ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def make_dvc_project(raw: dict, folder: Path) -> Path:
+    """A fresh git + DVC project in ``folder``: this repository's pipeline and code with the params ``raw``."""
+    folder.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, folder)
+    for name in ("stages", "polarocc"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(raw, folder)
+    run_checked(["git", "init", "-q"], folder)
+    run_checked(["dvc", "init", "-q"], folder)
     return folder

@@ -15,26 +15,17 @@ import hashlib
 import os
 import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, make_dvc_project, run_checked
 
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 LINKED = ("hardlink", "symlink")  # link types DVC can tell from a copy, so it relinks fresh outputs
 READ_ONLY = 0o444  # DVC's mode for cache files (and so for hard-linked outputs)
 UP_TO_DATE = "Data and pipelines are up to date."
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 def _cache_types(dvc_dir: Path) -> list[str]:
@@ -93,8 +84,8 @@ def _assert_cache_intact(project: Path) -> None:
 def _tiny_dvc_project(project: Path, config: str) -> None:
     """A DVC project with one stage that writes ``out/`` fresh (two files, one duplicated content)."""
     project.mkdir()
-    _run(["git", "init", "-q"], project)
-    _run(["dvc", "init", "-q"], project)
+    run_checked(["git", "init", "-q"], project)
+    run_checked(["dvc", "init", "-q"], project)
     (project / ".dvc" / "config").write_text(config)
     script = ("import pathlib; out = pathlib.Path('out'); out.mkdir(); "
               "(out / 'a.bin').write_bytes(bytes(range(256)) * 4096); (out / 'b.txt').write_text('polarocc')")
@@ -140,7 +131,7 @@ def test_reflink_first_leaves_copies_where_reflinks_fail(tmp_path: Path) -> None
     _tiny_dvc_project(bad, "[cache]\n    type = reflink,hardlink,symlink\n")
     _tiny_dvc_project(good, (ROOT / ".dvc" / "config").read_text())
     for project in (bad, good):
-        _run(["dvc", "repro"], project)
+        run_checked(["dvc", "repro"], project)
     assert all(p.stat().st_nlink == 1 for p in _files(bad / "out"))  # copies: DVC's relink skips them
     assert _disk_bytes(bad / "out", bad / ".dvc" / "cache") >= 2 * _disk_bytes(bad / "out")
     _assert_linked(good, good / "out")
@@ -151,19 +142,11 @@ def test_reflink_first_leaves_copies_where_reflinks_fail(tmp_path: Path) -> None
 def test_feature_stores_are_linked_not_copied(params_dict: dict, tmp_path: Path) -> None:
     from polarocc.planning import dvc_cache_link
 
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, project)
-    for folder in ("stages", "polarocc"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(params_dict, project)
-    _run(["git", "init", "-q"], project)
-    _run(["dvc", "init", "-q"], project)
+    project = make_dvc_project(params_dict, tmp_path / "project")
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
     features, cache = project / "data" / "features" / "textures", project / ".dvc" / "cache"
 
-    _run(["dvc", "repro", "extract@textures"], project)
+    run_checked(["dvc", "repro", "extract@textures"], project)
 
     inodes = _assert_linked(project, features)
     assert any(name.endswith("/train/features/zarr.json") for name in inodes)
@@ -171,18 +154,19 @@ def test_feature_stores_are_linked_not_copied(params_dict: dict, tmp_path: Path)
     one_copy = _disk_bytes(*workspace)
     assert _disk_bytes(features) > 10**6
     assert _disk_bytes(*workspace, cache) - one_copy < 64 * 1024  # the cache adds only its .dir listings
-    assert UP_TO_DATE in _run(["dvc", "status", "extract@textures"], project)
+    assert UP_TO_DATE in run_checked(["dvc", "status", "extract@textures"], project)
     link, types, _ = dvc_cache_link(project, project / "data" / "features")
     assert link == types[0] == "hardlink"  # what `polarocc plan` counts: no cache bytes
 
     shutil.rmtree(features)  # the workspace copy only: the cache still holds every object
-    _run(["dvc", "checkout", "data/features/textures"], project)
+    run_checked(["dvc", "checkout", "data/features/textures"], project)
     assert _assert_linked(project, features) == inodes  # the same cache objects, linked back
-    assert UP_TO_DATE in _run(["dvc", "status", "extract@textures"], project)
+    assert UP_TO_DATE in run_checked(["dvc", "status", "extract@textures"], project)
 
-    _run(["dvc", "repro", "--force", "--single-item", "extract@textures"], project)  # over read-only linked files
+    # Over read-only linked files:
+    run_checked(["dvc", "repro", "--force", "--single-item", "extract@textures"], project)
     _assert_linked(project, features)
     _assert_cache_intact(project)
     # Extraction is deterministic: the fresh files hash to the same objects, so nothing new is kept.
     assert _disk_bytes(*workspace, cache) - _disk_bytes(*workspace) < 64 * 1024
-    assert UP_TO_DATE in _run(["dvc", "status", "extract@textures"], project)
+    assert UP_TO_DATE in run_checked(["dvc", "status", "extract@textures"], project)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,37 +13,21 @@ import polars as pl
 import pytest
 
 from polarocc.reports.tables import read_results
-from tests.conftest import ROOT, write_params
+from tests.conftest import DVC_ENV, ROOT, make_dvc_project, run_checked, write_params
 
 pytestmark = pytest.mark.integration
 
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
-def _run(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def _stages_run(output: str) -> set[str]:
+def _stagesrun_checked(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, project)
-    for folder in ("stages", "polarocc"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(params_dict, project)
-    _run(["git", "init", "-q"], project)
-    _run(["dvc", "init", "-q"], project)
+    project = make_dvc_project(params_dict, tmp_path / "project")
     shutil.copytree(ROOT / ".dvc/plots", project / ".dvc/plots")
 
-    first = _stages_run(_run(["dvc", "repro"], project))
+    first = _stagesrun_checked(run_checked(["dvc", "repro"], project))
     assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
             "online@textures", "export", "peers", "analyze", "aggregate", "report"} <= first
 
@@ -56,7 +39,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     assert (project / "reports/plots/learning_curve_textures.png").is_file()
     assert (project / "models/deploy/textures/brick.pt").is_file()
     assert (project / "models/online/textures/gravel.pt").is_file()
-    plots = _run(["dvc", "plots", "show", "--json"], project)
+    plots = run_checked(["dvc", "plots", "show", "--json"], project)
     assert "reports/learning_curves/textures.csv" in plots
     peers = table.filter(pl.col("method") != "projector")
     assert peers.group_by("method").len().sort("method").rows() == [("padim", 4), ("patchcore", 4), ("untrained", 4)]
@@ -85,7 +68,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     # A new norm reruns only its own train/score stages and the aggregate; extraction is untouched.
     params_dict["sweep"]["norms"] = [1, 3]
     write_params(params_dict, project)
-    second = _stages_run(_run(["dvc", "repro"], project))
+    second = _stagesrun_checked(run_checked(["dvc", "repro"], project))
     assert second == {"validate", "train@3", "score@3", "aggregate", "report"}
     table = read_results(project / "reports/results.csv").filter(
         (pl.col("protocol") != "C") & (pl.col("method") == "projector"))
@@ -133,7 +116,7 @@ def _bad_params_change_nothing(params_dict: dict, project: Path) -> None:
         bad = copy.deepcopy(params_dict)
         bad[section][key] = value.format(junk=junk) if isinstance(value, str) else value
         write_params(bad, project)
-        result = subprocess.run(["dvc", "repro"], cwd=project, env=ENV, capture_output=True, text=True)
+        result = subprocess.run(["dvc", "repro"], cwd=project, env=DVC_ENV, capture_output=True, text=True)
         assert result.returncode != 0, f"{section}.{key}={value!r} did not fail"
         if named is not None:
             assert named in result.stdout + result.stderr, (named, result.stdout[-2000:], result.stderr[-2000:])
@@ -143,7 +126,7 @@ def _bad_params_change_nothing(params_dict: dict, project: Path) -> None:
     assert (victim / "keep.txt").read_text() == "mine"
     shutil.rmtree(project / "data/mine")
     write_params(params_dict, project)
-    assert _stages_run(_run(["dvc", "repro"], project)) == set()  # the good params again: nothing reruns
+    assert _stagesrun_checked(run_checked(["dvc", "repro"], project)) == set()  # the good params again: nothing reruns
 
 
 def _section(report: str, title: str) -> str:
