@@ -141,10 +141,11 @@ def bench_extraction(params, category: str = "brick", repeat: int = 3) -> dict:
             "seconds_per_shard": {k: round(v, 4) for k, v in parts.items()}, "shard_images": e.shard_images,
             "feature_bytes_per_image": raw_bytes, "stored_bytes_per_image": stored // n,
             "note": f"extraction = extract_category as the extract stage runs it (train.statistics "
-                    f"{params.train.statistics} -> {stage_mode}): image decoding (a reader thread, one shard ahead) + "
-                    "forward + aggregation written in the store dtype on the main thread, back to back across the "
-                    "splits + NaN/Inf check, zarr write, Gram/sums (train) or masks (test) in a writer thread; "
-                    f"raw forward and extraction interleaved {repeat} times, medians"}
+                    f"{params.train.statistics} -> {stage_mode}): image decoding (a reader thread, shards ahead) + "
+                    "forward + aggregation written in the store dtype (two shards at once on a CPU, each with all "
+                    "the torch threads), one pipeline across the splits + NaN/Inf check, zarr write, Gram/sums "
+                    "(train) or masks (test) in a writer thread; raw forward (one batch after another) and "
+                    f"extraction interleaved {repeat} times: median rates, median of the paired ratios"}
 
 
 def bench_training_default(params, category: str = "brick") -> dict:
