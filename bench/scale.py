@@ -72,6 +72,10 @@ RESULT_MARK = "BENCH_SCALE_RESULT "
 # at 512) and 20 GB of disk; their bytes per image are measured at 32. The streamed 1792-channel rows (the auto
 # mode) keep every size. `--skip none` runs everything.
 DEFAULT_SKIP = "wide_resnet50_2:stored:128,wide_resnet50_2:stored:512"
+# Memory budgets: "project" keeps params.yaml's train.stats_memory_mb and score.metrics_memory_mb, which let
+# stored statistics and exact pixel metrics grow with the data up to them; "1" (MB) bounds both (statistics read
+# from disk a batch at a time, binned pixel metrics), which shows what the stages hold regardless of the data.
+PROJECT_BUDGET = "project"
 MIB, GIB = 2 ** 20, 2 ** 30
 
 
@@ -207,15 +211,19 @@ def dump_yaml(raw: dict) -> str:
 
 
 def project_params(base: dict, data: Path, backbone: str, statistics: str, epochs: int,
-                   distributions: list[str]) -> dict:
+                   distributions: list[str], budget: str = PROJECT_BUDGET) -> dict:
     """The project's params with one dataset (the generated category), the backbone, the statistics mode, the
-    epochs and one norm; Protocol A and C off. Everything else (extract, train, score settings) is kept."""
+    epochs and one norm; Protocol A and C off. Everything else (extract, train, score settings) is kept, and the
+    memory budgets too unless ``budget`` gives MB for both train.stats_memory_mb and score.metrics_memory_mb."""
     raw = copy.deepcopy(base)
     raw["datasets"] = {DATASET: {"format": "mvtec", "path": str(data), "categories": [CATEGORY]}}
     raw.setdefault("backbone", {}).update(name=backbone, weights=BACKBONE_WEIGHTS.get(backbone, "package"),
                                           layers=[1, 2, 3], resize=256, crop=224)
     raw.setdefault("extract", {}).update(scheduler="inprocess")
     raw.setdefault("train", {}).update(epochs=epochs, statistics=statistics)
+    if budget != PROJECT_BUDGET:
+        raw["train"]["stats_memory_mb"] = int(budget)
+        raw.setdefault("score", {})["metrics_memory_mb"] = int(budget)
     raw["sweep"] = {**raw.get("sweep", {}), "norms": [NORM], "distributions": distributions}
     raw.setdefault("center", {}).update(norm=NORM, distribution=distributions[0])
     raw.setdefault("protocol_a", {})["datasets"] = {}
@@ -253,7 +261,8 @@ def dvc_cache(root: Path) -> dict:
 
 
 def measure_row(project: Path, backbone: str, statistics: str, n_train: int, n_test: int, epochs: int,
-                distributions: list[str], full_epochs: int, copy_cache: bool, env: dict[str, str]) -> dict:
+                distributions: list[str], full_epochs: int, copy_cache: bool, env: dict[str, str],
+                budget: str = PROJECT_BUDGET) -> dict:
     """Extract, train and score one project, each in a fresh process; the row of the report."""
     from polarocc.features.store import FeatureStore
 
@@ -292,6 +301,8 @@ def measure_row(project: Path, backbone: str, statistics: str, n_train: int, n_t
                                                                                int(width)],
         "auto_statistics": resolve_statistics(AUTO, int(channels), int(height), int(width)) == statistics,
         "epochs": epochs, "extrapolated_epochs": full_epochs, "variants": variants, "distributions": distributions,
+        "memory_budget": budget, "memory_budgets_mb": {"train.stats_memory_mb": params.train.stats_memory_mb,
+                                                       "score.metrics_memory_mb": params.score.metrics_memory_mb},
         "bytes_per_test_image": {"features": features, "masks": arrays["test/masks"] / n_test},
         "features_bytes_uncompressed_per_image": feature_bytes_per_image(int(channels), int(height), int(width),
                                                                          params.extract.dtype),
@@ -319,7 +330,8 @@ def planned_memory(base: dict, row: dict, distributions: list[str], n_train: int
     from polarocc.config import parse_params
     from polarocc.planning import BackboneShape, extract_memory, protocol_b_layout, score_memory, train_memory
 
-    raw = project_params(base, Path("unused"), row["backbone"], row["statistics"], row["epochs"], distributions)
+    raw = project_params(base, Path("unused"), row["backbone"], row["statistics"], row["epochs"], distributions,
+                         row.get("memory_budget", PROJECT_BUDGET))
     params = parse_params(raw)
     c, h, w = row["feature_shape"]
     shape = BackboneShape(row["backbone"], row["weights"], [1, 2, 3], 224, c, h, w, 0, 0)  # sizes cancel out
@@ -341,6 +353,8 @@ def projection(rows: list[dict], copy_cache: bool, base: dict) -> list[dict]:
     out = []
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         mine = [r for r in rows if r["backbone"] == backbone and r["auto_statistics"]]
+        if any(r.get("memory_budget", PROJECT_BUDGET) == PROJECT_BUDGET for r in mine):
+            mine = [r for r in mine if r.get("memory_budget", PROJECT_BUDGET) == PROJECT_BUDGET]
         if not mine:
             continue
         ref = max(mine, key=lambda r: r["train_images"])
@@ -391,21 +405,27 @@ def targets(result: dict) -> list[tuple[str, bool | None, str]]:
     checks.append(("1792 channels, statistics auto (streamed): total disk per training image <= 12 MB",
                    None if worst is None else worst["bytes_per_train_image"]["total"] <= TARGET_BYTES_PER_TRAIN_IMAGE,
                    detail))
-    details, ok = [], []
-    for key in dict.fromkeys((r["backbone"], r["statistics"]) for r in rows):
-        mine = sorted((r for r in rows if (r["backbone"], r["statistics"]) == key), key=lambda r: r["train_images"])
-        if len(mine) < 2:
-            continue
-        small, large = mine[0], mine[-1]
-        ratios = {s: large["peak_rss_mb"][s] / small["peak_rss_mb"][s] for s in ("train", "score")}
-        ok.append(all(v <= TARGET_RSS_RATIO for v in ratios.values()))
-        details.append(f"{key[0]} {key[1]} {large['train_images']} vs {small['train_images']}: train "
-                       f"{ratios['train']:.2f}x, score {ratios['score']:.2f}x")
     sizes = sorted({r["train_images"] for r in rows})
     stated = "" if sizes[:1] == [32] and sizes[-1:] == [512] else \
         " (the target is stated for 512 vs 32 images; here the largest vs the smallest measured size)"
-    checks.append((f"peak RSS of train and score at 512 images <= {TARGET_RSS_RATIO}x that at 32{stated}",
-                   all(ok) if ok else None, "; ".join(details) or "fewer than two sizes measured"))
+    for budget in dict.fromkeys(r.get("memory_budget", PROJECT_BUDGET) for r in rows):
+        details, ok = [], []
+        for key in dict.fromkeys((r["backbone"], r["statistics"]) for r in rows):
+            mine = sorted((r for r in rows if (r["backbone"], r["statistics"]) == key
+                           and r.get("memory_budget", PROJECT_BUDGET) == budget), key=lambda r: r["train_images"])
+            if len(mine) < 2:
+                continue
+            small, large = mine[0], mine[-1]
+            ratios = {s: large["peak_rss_mb"][s] / small["peak_rss_mb"][s] for s in ("train", "score")}
+            ok.append(all(v <= TARGET_RSS_RATIO for v in ratios.values()))
+            details.append(f"{key[0]} {key[1]} {large['train_images']} vs {small['train_images']}: train "
+                           f"{ratios['train']:.2f}x, score {ratios['score']:.2f}x")
+        budgets = ("the project's memory budgets (stored statistics and exact pixel metrics grow with the data up "
+                   "to train.stats_memory_mb and score.metrics_memory_mb)" if budget == PROJECT_BUDGET else
+                   f"memory budgets of {budget} MB (statistics from disk, binned pixel metrics)")
+        checks.append((f"peak RSS of train and score at 512 images <= {TARGET_RSS_RATIO}x that at 32{stated}, "
+                       f"with {budgets}", all(ok) if ok else None,
+                       "; ".join(details) or "fewer than two sizes measured"))
     mvtec = [p for p in result["projection"] if p["dataset"] == "MVTec AD" and p["backbone"] == "wide_resnet50_2"]
     checks.append((f"projection: MVTec AD with Wide-ResNet50 fits {DISK_GB} GB of disk and {RAM_GB} GB of RAM",
                    mvtec[0]["fits"] if mvtec else None,
@@ -418,6 +438,11 @@ def targets(result: dict) -> list[tuple[str, bool | None, str]]:
 
 def _sec(x: float) -> str:
     return f"{x:.2f}" if x < 10 else (f"{x:.1f}" if x < 100 else f"{x:.0f}")
+
+
+def _budget_label(entry: dict) -> str:
+    budget = entry.get("memory_budget", PROJECT_BUDGET)
+    return "" if budget == PROJECT_BUDGET else f", budgets {budget} MB"
 
 
 def to_markdown(result: dict) -> str:
@@ -445,6 +470,7 @@ def to_markdown(result: dict) -> str:
     for r in result["rows"]:
         b, p, s = r["bytes_per_train_image"], r["peak_rss_mb"], r["seconds"]
         auto = " (auto)" if r["auto_statistics"] else ""
+        auto += _budget_label(r)
         lines.append(
             f"| {r['backbone']} | {r['channels']} | {r['statistics']}{auto} | {r['train_images']} | "
             f"{r['test_images']} | {b['features'] / 1e6:.2f} | {b['statistics'] / 1e6:.3f} | "
@@ -485,14 +511,14 @@ def to_markdown(result: dict) -> str:
                   "peak RSS projection is too low.**"]
     if result["skipped"]:
         lines += ["", "## Not measured", ""]
-        lines += [f"- {s['backbone']} {s['statistics']} N={s['train_images']}: {s['reason']}"
+        lines += [f"- {s['backbone']} {s['statistics']} N={s['train_images']}{_budget_label(s)}: {s['reason']}"
                   for s in result["skipped"]]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, result: dict, base: dict) -> None:
-    result["rows"].sort(key=lambda r: (r["backbone"], r["statistics"], r["train_images"]))
+    result["rows"].sort(key=lambda r: (r["backbone"], r["statistics"], bool(_budget_label(r)), r["train_images"]))
     result["projection"] = projection(result["rows"], result["dvc_cache"]["adds_copy"], base)
     write_json(out / "bench_scale.json", result, indent=2, newline=True)
     write_text(out / "bench_scale.md", to_markdown(result))
@@ -501,15 +527,17 @@ def write_outputs(out: Path, result: dict, base: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def parse_skip(text: str) -> set[tuple[str, str, int]]:
+def parse_skip(text: str, budgets: list[str]) -> set[tuple[str, str, int, str]]:
+    """(backbone, statistics, N, budget) runs to leave out; an item without a budget leaves out every budget."""
     if text.strip().lower() in ("", "none"):
         return set()
     out = set()
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 3 or not parts[2].isdigit():
-            raise SystemExit(f"--skip: {item!r} is not BACKBONE:STATISTICS:N")
-        out.add((parts[0], parts[1], int(parts[2])))
+        if len(parts) not in (3, 4) or not parts[2].isdigit():
+            raise SystemExit(f"--skip: {item!r} is not BACKBONE:STATISTICS:N[:BUDGET]")
+        for budget in parts[3:] or budgets:
+            out.add((parts[0], parts[1], int(parts[2]), budget))
     return out
 
 
@@ -520,7 +548,10 @@ def main() -> None:
     parser.add_argument("--backbones", default="wide_resnet50_2,tf_efficientnet_lite0")
     parser.add_argument("--statistics", default="stored,streamed", help="train.statistics modes")
     parser.add_argument("--skip", default=DEFAULT_SKIP,
-                        help="BACKBONE:STATISTICS:N runs left out, comma-separated ('none': run all)")
+                        help="BACKBONE:STATISTICS:N[:BUDGET] runs left out, comma-separated ('none': run all)")
+    parser.add_argument("--budgets", default=PROJECT_BUDGET,
+                        help="memory budgets: 'project' (params.yaml's) and/or MB for train.stats_memory_mb and "
+                             "score.metrics_memory_mb (e.g. 'project,1')")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs (extrapolated to train.epochs)")
     parser.add_argument("--distributions", default="normal",
                         help="center distributions trained in lockstep per stage (times are per variant)")
@@ -544,7 +575,10 @@ def main() -> None:
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     modes = [m.strip() for m in args.statistics.split(",") if m.strip()]
     distributions = [d.strip() for d in args.distributions.split(",") if d.strip()]
-    skip = parse_skip(args.skip)
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets or any(b != PROJECT_BUDGET and not (b.isdigit() and int(b) > 0) for b in budgets):
+        raise SystemExit("--budgets takes 'project' and/or positive integers (MB)")
+    skip = parse_skip(args.skip, budgets)
     if not sizes or min(sizes) < 1 or args.epochs < 1:
         raise SystemExit("--sizes must be positive integers and --epochs >= 1")
     if set(modes) - {STORED, STREAMED}:
@@ -565,7 +599,7 @@ def main() -> None:
         # extra keys
         "complete": False, "epochs": args.epochs, "extrapolated_epochs": base_params.train.epochs,
         "variants": len(distributions), "distributions": distributions, "sizes": sizes, "backbones": backbones,
-        "statistics_modes": modes, "skip": sorted(":".join(map(str, s)) for s in skip),
+        "statistics_modes": modes, "memory_budgets": budgets, "skip": sorted(":".join(map(str, s)) for s in skip),
         "dvc_cache": dvc_cache(ROOT), "skipped": [], "failed": [], "generate_seconds": {},
         "plateau_images": max(base_params.extract.shard_images, base_params.train.batch_size),
         "units": {"bytes_per_train_image": "bytes", "peak_rss_mb": "MiB", "peak_rss_gb": "GiB",
@@ -594,10 +628,10 @@ def main() -> None:
     workdir = args.workdir.resolve() if args.workdir else Path(tempfile.gettempdir())
     workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="polarocc-bench-scale-", dir=workdir))  # ours alone: removed at the end
-    plan = [(n, b, m) for n in sizes for b in backbones for m in modes if (b, m, n) not in skip]
-    for b, m, n in sorted(skip):
-        if b in backbones and m in modes and n in sizes:
-            result["skipped"].append({"backbone": b, "statistics": m, "train_images": n,
+    plan = [(n, b, m, g) for n in sizes for b in backbones for m in modes for g in budgets if (b, m, n, g) not in skip]
+    for b, m, n, g in sorted(skip):
+        if b in backbones and m in modes and n in sizes and g in budgets:
+            result["skipped"].append({"backbone": b, "statistics": m, "train_images": n, "memory_budget": g,
                                       "reason": "left out by --skip (to keep the run short)"})
     shapes: dict[str, tuple[int, int, int]] = {}
     started = time.perf_counter()
@@ -605,7 +639,7 @@ def main() -> None:
     try:
         done = 0
         for n in sizes:
-            todo = [(b, m) for size, b, m in plan if size == n]
+            todo = [(b, m, g) for size, b, m, g in plan if size == n]
             if not todo:
                 continue
             data = run_dir / f"data-{n}"
@@ -614,9 +648,9 @@ def main() -> None:
             began = time.perf_counter()
             n_train, n_test = make_dataset(data, n, args.seed)
             result["generate_seconds"][str(n)] = time.perf_counter() - began
-            for backbone, mode in todo:
+            for backbone, mode, budget in todo:
                 done += 1
-                label = f"{backbone} {mode} N={n_train}"
+                label = f"{backbone} {mode} N={n_train} budgets {budget}"
                 print(f"[{time.perf_counter() - started:6.0f} s] run {done}/{len(plan)}: {label}", file=sys.stderr,
                       flush=True)
                 if backbone in shapes:
@@ -627,22 +661,22 @@ def main() -> None:
                                   f"{where}")
                         print(f"    skipped: {reason}", file=sys.stderr, flush=True)
                         result["skipped"].append({"backbone": backbone, "statistics": mode, "train_images": n_train,
-                                                  "reason": reason})
+                                                  "memory_budget": budget, "reason": reason})
                         write_outputs(out, result, base)
                         continue
-                project = run_dir / f"{backbone}-{mode}-{n}"
+                project = run_dir / f"{backbone}-{mode}-{n}-{budget}"
                 project.mkdir()
                 try:
-                    raw = project_params(base, data, backbone, mode, args.epochs, distributions)
+                    raw = project_params(base, data, backbone, mode, args.epochs, distributions, budget)
                     write_text(project / "params.yaml", dump_yaml(raw))
                     load_params(project / "params.yaml")  # refuse bad params before any stage runs
                     row = measure_row(project, backbone, mode, n_train, n_test, args.epochs, distributions,
-                                      base_params.train.epochs, result["dvc_cache"]["adds_copy"], env)
+                                      base_params.train.epochs, result["dvc_cache"]["adds_copy"], env, budget)
                     shapes[backbone] = tuple(row["feature_shape"])
                     result["rows"].append(row)
                 except StageFailed as exc:
                     disk = exc.stage == "extract" and "free" in exc.message and "needs" in exc.message
-                    entry = {"backbone": backbone, "statistics": mode, "train_images": n_train,
+                    entry = {"backbone": backbone, "statistics": mode, "train_images": n_train, "memory_budget": budget,
                              "reason": f"{exc.stage} stage: {exc.message}"}
                     (result["skipped"] if disk else result["failed"]).append(entry)
                     print(f"    {'skipped' if disk else 'FAILED'}: {entry['reason']}", file=sys.stderr, flush=True)

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -104,6 +102,8 @@ def torch_save_atomic(payload: Any, path: Path | str, temporary: Path | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = temporary or path.with_name(f"{path.name}.partial")
     try:
+        import torch  # here: torch's import (~1.5 s) would cost every stage that writes only tables
+
         torch.save(payload, partial)
         os.replace(partial, path)
     except BaseException:

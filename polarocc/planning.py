@@ -36,6 +36,7 @@ from polarocc.features.budget import (
 from polarocc.features.store import StoreLayout
 from polarocc.models.weights import RANDOM, UNTRAINED
 from polarocc.pipeline import paths
+from polarocc.scoring.maps import chunk_images
 from polarocc.training.statistics import STREAM_BLOCK_BYTES
 
 MIB = 2 ** 20
@@ -47,10 +48,10 @@ ESTIMATE: dict[str, int] = {
     "base_process_bytes": 512 * MIB,  # Python, torch, timm, zarr and dask imported, before any data
     "live_module_outputs": 2,  # a forward pass holds the largest layer's input and output at once (float32)
     "aggregation_copies": 3,  # feature levels, their pooled/upsampled copies and the concatenation (float32)
-    "feature_shards_in_flight": 2,  # extract: the shard being computed and the one being written
-    "image_shards_in_flight": 2,  # extract: the decoded shard in use and the next one read ahead
+    "forward_lanes_cpu": 2,  # extract on a CPU: two shards in the backbone at once (features.extract, _lanes)
     "adam_copies": 4,  # train: weights, gradient and Adam's two moments, per lockstep variant
-    "score_float_copies": 4,  # score: features cast to float32, z, z - c and its square (one model at a time)
+    "score_float_copies": 4,  # score: features cast to float32, z, z - c and its square (one model, one chunk)
+    "polar_float64_copies": 2,  # score: the polar diagnostics' float64 rows and unit vectors of a chunk
     "map_copies": 2,  # score: upsampled and smoothed maps (float32)
     "binned_metrics_bytes_per_model": 24 * MIB,  # score: a binned pixel-metric accumulator (fixed histograms)
 }
@@ -317,15 +318,20 @@ def total_memory() -> int:
 
 
 def extract_memory(params: Params, shape: BackboneShape, layout: StoreLayout) -> int:
-    """Peak of ``extract``: parameters, a batch's activations, shards of features, their float64 copy for the
-    statistics (and Gram matrices when stored), decoded images; per worker process with the ``local`` scheduler."""
+    """Peak of ``extract``: parameters; per forward lane (two on a CPU with two or more cores, else one) a batch's
+    activations; the shards in the lanes and the one being written, in the store's dtype; one image's float64
+    features and the shard's statistics (Gram matrices when stored); the decoded images of the shards ahead. Per
+    worker process with the ``local`` scheduler."""
     e, b, est = params.extract, params.backbone, ESTIMATE
     c, h, w, shard = shape.channels, shape.height, shape.width, e.shard_images
-    process = (shape.parameter_bytes + e.batch_size * shape.activation_bytes_per_image
-               + est["feature_shards_in_flight"] * shard * feature_bytes_per_image(c, h, w, e.dtype)
-               + shard * c * h * w * GRAM_ITEMSIZE
+    on_cpu = e.device == "cpu" or (e.device == "auto" and not torch.cuda.is_available())
+    threads = e.threads_per_worker if e.scheduler != "inprocess" else (os.cpu_count() or 1)
+    lanes = est["forward_lanes_cpu"] if on_cpu and threads >= 2 else 1
+    process = (shape.parameter_bytes + lanes * min(e.batch_size, shard) * shape.activation_bytes_per_image
+               + (lanes + 1) * shard * feature_bytes_per_image(c, h, w, e.dtype)
+               + c * h * w * (GRAM_ITEMSIZE + 4)
                + shard * (c * c + c if layout.stored_statistics else c) * GRAM_ITEMSIZE
-               + est["image_shards_in_flight"] * shard * b.crop * b.crop * 3)
+               + (lanes + 1) * shard * b.crop * b.crop * 3)
     if shape.pooled_parameter_bytes is not None:  # extract_a: the whole classifier, smaller images
         scale = (params.protocol_a.crop / b.crop) ** 2
         process = max(process, int(shape.pooled_parameter_bytes + e.batch_size * scale *
@@ -364,15 +370,18 @@ def train_memory(params: Params, shape: BackboneShape, layout: StoreLayout, max_
 
 
 def score_memory(params: Params, shape: BackboneShape, max_test: int) -> int:
-    """Peak of ``score`` (one category at a time): a shard of test features and its float32 copies, the maps, the
-    models, and the pixel metrics (exact while they fit ``score.metrics_memory_mb``, else fixed histograms)."""
+    """Peak of ``score`` (one category at a time): a shard of test features, the float32 copies and maps of the
+    images projected at once (:func:`chunk_images`), the models, and the pixel metrics (exact while they fit
+    ``score.metrics_memory_mb``, else fixed histograms)."""
     from polarocc.scoring.pixel_metrics import EXACT_BYTES_COMPUTING, EXACT_BYTES_KEPT
 
     e, est, crop = params.extract, ESTIMATE, params.backbone.crop
     c, h, w = shape.channels, shape.height, shape.width
     shard, variants = min(e.shard_images, max(max_test, 1)), len(params.sweep.distributions)
-    features = shard * (feature_bytes_per_image(c, h, w, e.dtype) + est["score_float_copies"] * c * h * w * 4)
-    maps = est["map_copies"] * shard * crop * crop * 4
+    chunk = min(shard, chunk_images(c, h, w))  # the images projected at once
+    features = (shard * feature_bytes_per_image(c, h, w, e.dtype)
+                + chunk * c * h * w * (est["score_float_copies"] * 4 + est["polar_float64_copies"] * 8))
+    maps = est["map_copies"] * chunk * crop * crop * 4
     exact = max_test * crop * crop * (variants * EXACT_BYTES_KEPT + EXACT_BYTES_COMPUTING)
     pixel = exact if exact <= params.score.metrics_memory_mb * MIB else \
         variants * est["binned_metrics_bytes_per_model"]

@@ -81,9 +81,17 @@ def test_closure_follows_lazy_and_relative_imports(tmp_path: Path) -> None:
     assert "polarocc/cli.py" not in closure
 
 
-@pytest.mark.parametrize("stage", sorted(set(_stages()) - {"validate"}))
+@pytest.mark.parametrize("stage", sorted(set(_stages()) - {"validate", "validate_backbone"}))
 def test_every_stage_runs_after_validation(stage: str) -> None:
     assert PARAMS_CHECK in _stages()[stage]["deps"]
+
+
+def test_backbone_validation_runs_first_and_only_for_backbone_params() -> None:
+    stages = _stages()
+    assert "reports/backbone_check.json" in stages["validate"]["deps"]
+    assert stages["validate_backbone"]["params"] == ["backbone"]
+    [out] = stages["validate_backbone"]["outs"]
+    assert out == {"reports/backbone_check.json": {"cache": False, "persist": True}}
 
 
 def test_validation_depends_on_every_param() -> None:

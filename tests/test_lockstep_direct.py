@@ -17,6 +17,7 @@ from polarocc.models.projector import Projector
 from polarocc.pipeline import protocol_a
 from polarocc.pipeline.protocol_a import fit_class, fit_variants
 from polarocc.training.direct import VariantLossDiverged, train_direct, train_direct_lockstep
+from polarocc.training.threads import in_order
 
 DISTRIBUTIONS = ("normal", "uniform", "ones", "feature_mean")
 
@@ -237,7 +238,7 @@ def test_in_order_keeps_order_and_bounds_the_lookahead() -> None:
         return item * item
 
     consumed = []
-    for result in protocol_a._in_order(work, list(range(9)), 2):
+    for result in in_order(work, list(range(9)), 2):
         with lock:
             consumed.append(result)
             assert len(started) <= len(consumed) + 2  # at most `workers` results ahead of the consumer
@@ -253,7 +254,7 @@ def test_in_order_raises_the_first_error_and_starts_nothing_more() -> None:
             raise NumericalError("class 1 diverged")
         return item
 
-    results = protocol_a._in_order(work, list(range(20)), 2)
+    results = in_order(work, list(range(20)), 2)
     assert next(results) == 0
     with pytest.raises(NumericalError, match="class 1"):
         next(results)

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from polarocc.errors import DataError
 from polarocc.models.projector import Projector
 from polarocc.scoring.maps import distance_maps, gaussian_blur, reduce_maps, score_batch
-from polarocc.scoring.metrics import aupro, f1_max, image_auroc, pixel_auroc, rank_auroc
+from polarocc.scoring.metrics import aupro, f1_max, image_auroc, pixel_auroc, pixel_auroc_and_f1_max, rank_auroc
 
 
 def test_image_auroc_hand_cases() -> None:
@@ -38,6 +38,29 @@ def test_rank_auroc_equals_sklearn_with_ties(seed: int) -> None:
     labels = rng.random(5000) < 0.2
     scores = np.round(rng.random(5000) + 0.3 * labels, 2)  # many ties
     assert rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert image_auroc(labels.astype(int), scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_image_auroc_refuses_non_finite_scores_and_length_mismatch() -> None:
+    with pytest.raises(FloatingPointError, match="NaN"):
+        image_auroc([0, 1, 1], [0.1, np.nan, 0.3])
+    with pytest.raises(ValueError, match="3 labels but 2 scores"):
+        image_auroc([0, 1, 1], [0.1, 0.2])
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 3])
+def test_pixel_auroc_and_f1_max_from_one_sort_equal_the_separate_metrics(decimals: int | None) -> None:
+    rng = np.random.default_rng(11)
+    masks = rng.random((6, 20, 20)) < 0.1
+    maps = (rng.random((6, 20, 20)) + 0.5 * masks).astype(np.float32)
+    if decimals is not None:  # ties within and across the two kinds of pixels
+        maps = np.round(maps, decimals)
+    auroc, f1 = pixel_auroc_and_f1_max(masks, maps)
+    assert auroc == pixel_auroc(masks, maps)
+    assert f1 == pytest.approx(f1_max(masks, maps), abs=1e-15)
+    assert auroc == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    with pytest.raises(DataError, match="both normal and defective"):
+        pixel_auroc_and_f1_max(np.zeros_like(masks), maps)
 
 
 def test_single_class_is_an_error() -> None:

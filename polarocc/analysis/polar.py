@@ -54,10 +54,11 @@ class PolarAccumulator:
 
     def add(self, vectors: torch.Tensor, labels: torch.Tensor) -> None:
         """``vectors`` (B, C, h, w) with ``labels`` (B, h, w) of NORMAL / ANOMALOUS / IGNORED."""
-        flat = vectors.detach().double().cpu().permute(0, 2, 3, 1).reshape(-1, vectors.shape[1])
-        labels = torch.as_tensor(labels).reshape(-1)
+        # Positions are selected before the float64 copy: the ignored ones (most of a defective image) never get one.
+        flat = vectors.detach().permute(0, 2, 3, 1).reshape(-1, vectors.shape[1])
+        labels = torch.as_tensor(labels).reshape(-1).to(flat.device)
         for kind in (NORMAL, ANOMALOUS):
-            part = flat[labels == kind]
+            part = flat[labels == kind].double().cpu()
             if not len(part):
                 continue
             radius = torch.linalg.vector_norm(part, dim=1)

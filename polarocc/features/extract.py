@@ -46,8 +46,9 @@ def _per_image(features: np.ndarray, step: Callable[[torch.Tensor, int], None]) 
 def gram_and_sums(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-image sum_p f_p f_p^T (B, C, C) and sum_p f_p (B, C), in float64.
 
-    Each image's matrix product and row sums are the same operations a batched ``torch.bmm`` / ``sum(-1)`` over
-    the whole float64 shard performs per image, so the bits are those (the store tests compare them)."""
+    Each image's matrix product and row sums are those a batched ``torch.bmm`` / ``sum(-1)`` over the whole
+    float64 shard computes, up to the order of the products' float64 sums (bit-equal on some CPUs); the same
+    features always give the same bits."""
     b, c = features.shape[:2]
     gram = torch.empty(b, c, c, dtype=torch.float64)
     sums = torch.empty(b, c, dtype=torch.float64)

@@ -142,6 +142,11 @@ def recorded_outputs(root: Path, stage: str) -> frozenset[Path]:
                      if isinstance(out, dict) and isinstance(out.get("path"), str))
 
 
+def backbone_check(params: Params) -> Path:
+    """The output of the ``validate_backbone`` stage, on which ``validate`` depends."""
+    return params.root / REPORTS / "backbone_check.json"
+
+
 def params_check(params: Params) -> Path:
     """The output of the ``validate`` stage, on which every other stage depends."""
     return params.root / REPORTS / "params_check.json"

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,11 +44,9 @@ from polarocc.pipeline import paths
 from polarocc.scoring.maps import project
 from polarocc.training.direct import VariantLossDiverged, train_direct_lockstep
 from polarocc.training.schedule import TrainHistory
-from polarocc.training.threads import split_threads, threads_for, torch_threads
+from polarocc.training.threads import in_order, split_threads, threads_for, torch_threads
 
 STORE_NAME = "images"
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def load_dataset(params: Params, ds: ClassificationDatasetConfig) -> ClassificationSplits:
@@ -262,27 +257,6 @@ def _train_variants(own: np.ndarray, label: int, params: Params, norm: float, di
     return list(zip(projectors, centers, histories, strict=True))
 
 
-def _in_order(work: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
-    """``work(item)`` of every item, yielded in order; up to ``workers`` run at once on threads (torch ops
-    release the GIL), at most that many results wait ahead of the consumer."""
-    if workers <= 1:
-        yield from map(work, items)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="polarocc-fit") as pool:
-        pending: deque[Future[R]] = deque(pool.submit(work, item) for item in items[:workers])
-        upcoming = iter(items[workers:])
-        try:
-            while pending:
-                result = pending.popleft().result()
-                for item in upcoming:
-                    pending.append(pool.submit(work, item))
-                    break
-                yield result
-        finally:  # an error or an abandoned generator: drop what has not started
-            for future in pending:
-                future.cancel()
-
-
 @torch.no_grad()
 def score_class(features: np.ndarray, labels: np.ndarray, label: int, projector: Projector, center: torch.Tensor,
                 squared: bool = True, defective: np.ndarray | None = None) -> dict:
@@ -343,7 +317,7 @@ def fit_all(params: Params, norm: float):
                   ) -> list[tuple[Projector, torch.Tensor, TrainHistory]]:
             return _train_variants(class_features(features, labels, label), label, params, norm, distributions)
 
-        with torch_threads(threads), closing(_in_order(train, [label for _, label in classes], workers)) as results:
+        with torch_threads(threads), closing(in_order(train, [label for _, label in classes], workers)) as results:
             for (name, _), fitted in zip(classes, results, strict=True):
                 for distribution, (projector, center, history) in zip(distributions, fitted, strict=True):
                     yield distribution, dataset, name, store, projector, center, history
@@ -375,7 +349,7 @@ def score_all(params: Params, norm: float, load_model) -> dict:
                                                    within)
             return scored
 
-        with torch_threads(threads), closing(_in_order(score, classes, workers)) as scored:
+        with torch_threads(threads), closing(in_order(score, classes, workers)) as scored:
             for (name, _), per_distribution in zip(classes, scored, strict=True):
                 for distribution, result in per_distribution.items():
                     results.setdefault(distribution, {}).setdefault(dataset, {})[name] = result

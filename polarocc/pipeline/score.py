@@ -13,12 +13,13 @@ from polarocc.atomic import write_json
 from polarocc.config import Params, ScoreConfig, validate_norm
 from polarocc.device import pick_device
 from polarocc.features.store import FeatureStore
+from polarocc.memory import release_free_memory
 from polarocc.models.projector import Projector
 from polarocc.pipeline import paths, protocol_a
 from polarocc.pipeline.train import load_model
-from polarocc.scoring.maps import finish_maps, project
+from polarocc.scoring.maps import chunk_images, finish_maps, project
 from polarocc.scoring.metrics import f1_max, image_auroc
-from polarocc.scoring.pixel_metrics import PixelMetrics, pixel_metrics_for
+from polarocc.scoring.pixel_metrics import PixelMetrics, pixel_metrics_for, results_of
 
 
 def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
@@ -26,14 +27,17 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
                 polar: list[PolarAccumulator] | None = None) -> list[np.ndarray]:
     """Per model, the image scores (N,) of a store's split.
 
-    The features are read once, one shard at a time, and shared by every model; no map outlives its
-    shard. With ``pixel`` (one accumulator per model, test split) the maps and their masks feed the
+    The features are read once, a few images at a time (:func:`chunk_images`), and shared by every model; no
+    map outlives its chunk. With ``pixel`` (one accumulator per model, test split) the maps and their masks feed the
     pixel metrics; with ``polar`` (likewise) the projected features feed the polar diagnostics.
     """
     models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
     crop = int(store.attrs["geometry"]["crop"])
+    step = chunk_images(store.channels, *store.features(split).shape[2:])
     scores: list[list[np.ndarray]] = [[] for _ in models]
-    for indices, features in store.batches(split):
+    # A few images at a time, read as such (the stores chunk each image within a shard): the float32 work and
+    # the reads scale with this chunk, not with the shard, so a small test split peaks as high as a large one.
+    for indices, features in store.batches(split, step):
         rows = slice(int(indices[0]), int(indices[-1]) + 1)
         masks = None if pixel is None else store.masks(rows)
         labels = None if polar is None else store_position_labels(store, rows)
@@ -46,15 +50,21 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
             if masks is not None:
                 pixel[i].add(batch_maps.float().cpu().numpy(), masks)
             scores[i].append(batch_scores.double().cpu().numpy())
+        del features, batch, z, distances, batch_maps
+        release_free_memory()
     return [np.concatenate(s) for s in scores]
 
 
 def pixel_accumulators(store: FeatureStore, models: int, cfg: ScoreConfig) -> list[PixelMetrics]:
     """One pixel-metric accumulator per model for a store's test split, exact while it fits
     ``score.metrics_memory_mb`` (see :func:`pixel_metrics_for`)."""
-    n_test = store.features("test").shape[0]
+    return pixel_metrics_for(map_pixels(store), models, cfg.metrics_memory_mb)
+
+
+def map_pixels(store: FeatureStore) -> int:
+    """Pixels of a store's test maps (every test image at the crop size)."""
     crop = int(store.attrs["geometry"]["crop"])
-    return pixel_metrics_for(n_test * crop * crop, models, cfg.metrics_memory_mb)
+    return store.features("test").shape[0] * crop * crop
 
 
 def category_metrics(store: FeatureStore, scores: np.ndarray, pixel: dict) -> dict:
@@ -96,9 +106,10 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
         polar = [PolarAccumulator(center) for _, center in models]
         pixel = pixel_accumulators(store, len(models), params.score)
         outputs = score_store(store, models, params.score, device, pixel=pixel, polar=polar)
-        for distribution, scores, pixel_metrics, diagnostics in zip(params.sweep.distributions, outputs, pixel, polar,
-                                                                     strict=True):
-            metrics = category_metrics(store, scores, pixel_metrics.result())
+        pixel_results = results_of(pixel, map_pixels(store), params.score.metrics_memory_mb)
+        for distribution, scores, pixel_result, diagnostics in zip(params.sweep.distributions, outputs, pixel_results,
+                                                                    polar, strict=True):
+            metrics = category_metrics(store, scores, pixel_result)
             results.setdefault(distribution, {}).setdefault(dataset, {})[category] = {
                 **metrics, "polar": diagnostics.summary()}
     for distribution, per_dataset in protocol_a.score_all(params, norm, load_model).items():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from polarocc.training.direct import train_direct
 from polarocc.training.gram import VariantDiverged, train_lockstep
 from polarocc.training.schedule import TrainHistory
 from polarocc.training.statistics import StoredStatistics, StreamedStatistics
-from polarocc.training.threads import threads_for, torch_threads
+from polarocc.training.threads import in_order, split_threads, threads_for, torch_threads
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -57,6 +59,14 @@ def _step_flop(store: FeatureStore, variants: int, cfg: TrainConfig, streamed: b
     return variants * 2.0 * c ** 3 + forming
 
 
+def step_threads(store: FeatureStore, cfg: TrainConfig, variants: int, device: str) -> int:
+    """The torch threads :func:`fit_store` gives a category's lockstep steps (:func:`threads_for`)."""
+    features = store.features("train")
+    _, channels, height, width = features.shape
+    streamed = resolve_statistics(cfg.statistics, channels, height, width, str(features.dtype)) == STREAMED
+    return threads_for(_step_flop(store, variants, cfg, streamed), device)
+
+
 def _totals(store: FeatureStore, stats: StoredStatistics | StreamedStatistics) -> tuple[np.ndarray, np.ndarray]:
     """Summed Gram matrix and feature sum over the training split, for the radius certificate."""
     sums = store.group["train/sums"][:].sum(0)
@@ -67,14 +77,16 @@ def _totals(store: FeatureStore, stats: StoredStatistics | StreamedStatistics) -
 
 def fit_store(store: FeatureStore, params: Params, norm: float, distributions: tuple[str, ...],
               cfg: TrainConfig | None = None, on_step: Callable[[str, int, Projector], None] | None = None,
-              device: str | None = None) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
+              device: str | None = None, threads: int | None = None,
+              ) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
     """Train one projector per center distribution on a category store (``cfg`` defaults to ``train``).
 
     Every distribution trains in lockstep from the same batch statistics (:func:`train_lockstep`). The
     statistics shortcut is exact only while no training pixel lies within R of the center; the final models are
     checked on every training pixel in one shared pass, and a model that fails is retrained with the direct
     trainer. ``on_step(distribution, images_seen, projector)`` follows every step; after a retraining it starts
-    again from the first step. ``device`` defaults to ``train.device``.
+    again from the first step. ``device`` defaults to ``train.device``; ``threads`` (torch threads of the steps
+    and the certificate) to :func:`step_threads`.
     """
     cfg = cfg or params.train
     device = device or pick_device(cfg.device, "train.device")
@@ -112,7 +124,7 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     streamed = isinstance(stats, StreamedStatistics)
     projectors = [fresh() for _ in distributions]
     observer = None if on_step is None else lambda v, seen: on_step(distributions[v], seen, projectors[v])
-    threads = threads_for(_step_flop(store, len(distributions), cfg, streamed), device)
+    threads = threads or threads_for(_step_flop(store, len(distributions), cfg, streamed), device)
     try:
         with torch_threads(threads):
             histories, problems = train_lockstep(projectors, [centers[d] for d in distributions], stats, n_images,
@@ -198,12 +210,23 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     norm = validate_norm(norm, "norm")
     device = pick_device(params.train.device, "train.device")
     histories: dict[str, dict] = {}
-    jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
-    for dataset, category in tqdm(jobs, desc=f"train norm {norm:g}", unit="category", disable=not progress):
-        store = FeatureStore(paths.feature_store(params, dataset, category))
-        for distribution, fitted in fit_store(store, params, norm, params.sweep.distributions,
-                                              device=device).items():
-            _save(params, norm, "B", distribution, dataset, category, store, fitted, params.train, histories)
+    distributions = params.sweep.distributions
+    jobs = [(d, c, FeatureStore(paths.feature_store(params, d, c)))
+            for d, ds in params.datasets.items() for c in ds.categories]
+    # Categories whose steps are too small for more than one thread train side by side, one per core (as
+    # Protocol A's classes do); larger ones train in turn, each with every core and its own memory budget.
+    small = all(step_threads(store, params.train, len(distributions), device) == 1 for *_, store in jobs)
+    workers, threads = split_threads(os.cpu_count() or 1, len(jobs)) if small else (1, None)
+
+    def fit(job: tuple[str, str, FeatureStore]) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
+        return fit_store(job[2], params, norm, distributions, device=device, threads=threads)
+
+    with closing(in_order(fit, jobs, workers)) as results:
+        for (dataset, category, store), fitted in tqdm(zip(jobs, results, strict=True), total=len(jobs),
+                                                       desc=f"train norm {norm:g}", unit="category",
+                                                       disable=not progress):
+            for distribution, model in fitted.items():
+                _save(params, norm, "B", distribution, dataset, category, store, model, params.train, histories)
     for distribution, dataset, name, store, *fitted in protocol_a.fit_all(params, norm):
         _save(params, norm, "A", distribution, dataset, name, store, tuple(fitted),
               protocol_a.train_config(params), histories)

@@ -12,16 +12,24 @@ from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
 from polarocc.data.textures import check_spec
 from polarocc.device import check_scheduler, pick_device
-from polarocc.models.backbone import check_layers, check_weights
 from polarocc.ownership import check_replaceable
 from polarocc.pipeline import paths
 
 
-def validate_environment(params: Params) -> None:
-    """Everything about params that can be checked without computing: raises a PolaroccError naming the key."""
+def validate_backbone(params: Params) -> None:
+    """The backbone name, its feature levels and its weights; raises a PolaroccError naming the key."""
+    from polarocc.models.backbone import check_layers, check_weights  # here: timm's import costs seconds
+
     b = params.backbone
     check_layers(b.name, b.layers)
     check_weights(b.name, b.weights)
+
+
+def validate_environment(params: Params, backbone: bool = True) -> None:
+    """Everything about params that can be checked without computing: raises a PolaroccError naming the key.
+    ``backbone=False`` leaves out :func:`validate_backbone` (the pipeline runs it as its own stage)."""
+    if backbone:
+        validate_backbone(params)
     check_spec(params.embedded_data.categories, params.embedded_data.crop)
     pick_device(params.extract.device, "extract.device")
     pick_device(params.score.device, "score.device")
@@ -33,9 +41,21 @@ def validate_environment(params: Params) -> None:
     check_protocol_a_paths(params)
 
 
+def run_validate_backbone(params: Params) -> dict:
+    """Validate the backbone and write ``reports/backbone_check.json`` (constant content).
+
+    Its own stage, with only the ``backbone`` params, so that DVC skips it (and timm's import) when other
+    params change, as in a norm sweep; ``validate`` depends on its output and so runs after it."""
+    validate_backbone(params)
+    result = {"backbone": "valid"}
+    write_json(paths.backbone_check(params), result, newline=True)
+    return result
+
+
 def run_validate(params: Params) -> dict:
-    """Validate and write ``reports/params_check.json`` (constant content: it only orders the stages)."""
-    validate_environment(params)
+    """Validate everything but the backbone (see :func:`run_validate_backbone`) and write
+    ``reports/params_check.json`` (constant content: it only orders the stages)."""
+    validate_environment(params, backbone=False)
     result = {"params": "valid"}
     write_json(paths.params_check(params), result, newline=True)
     return result

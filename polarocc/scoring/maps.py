@@ -31,6 +31,16 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     return x[:, 0]
 
 
+CHUNK_BYTES = 16 * 2 ** 20  # float32 features scored at once: below a shard, so the peak does not grow with it
+
+
+def chunk_images(channels: int, height: int, width: int) -> int:
+    """Images whose float32 features fit :data:`CHUNK_BYTES` (at least one): what the score stage projects at
+    once. Its copies (z, distances, the polar diagnostics' float64 rows) scale with this, not with the shard, so
+    a test split smaller than a shard needs as much memory as a large one (Wide-ResNet50: 1 image, Lite0: 7)."""
+    return max(1, CHUNK_BYTES // (channels * height * width * 4))
+
+
 @torch.no_grad()
 def project(projector: Projector, center: torch.Tensor, features: torch.Tensor,
             squared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,19 +1,24 @@
-"""Detection and segmentation metrics (scikit-learn ROC AUC)."""
+"""Detection and segmentation metrics: exact ROC AUC, AUPRO and F1-max from sorted scores."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from polarocc.errors import DataError
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC of image scores against 0/1 labels (1 = anomalous)."""
+    """ROC AUC of image scores against 0/1 labels (1 = anomalous); :func:`rank_auroc`, the value scikit-learn's
+    ``roc_auc_score`` gives, without importing scikit-learn into every scoring process."""
     labels = np.asarray(labels).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels but {scores.size} scores")
     if labels.min() == labels.max():
         raise DataError("image AUROC needs both normal and anomalous test images")
-    return float(roc_auc_score(labels, np.asarray(scores).ravel()))
+    if not np.isfinite(scores).all():
+        raise FloatingPointError("image scores contain NaN or Inf")
+    return rank_auroc(labels, scores)
 
 
 def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -22,21 +27,37 @@ def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     Equals ``sklearn.metrics.roc_auc_score`` (tested to 1e-12) at a fraction of its cost on millions of
     pixels, where sklearn's repeated label validation and stable sort dominate the score stage.
     """
+    return _auroc_of_runs(*_ascending_runs(labels, scores))
+
+
+def _ascending_runs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """One sort of ``scores``: (start of every run of tied scores in ascending order, positives in each run,
+    number of scores)."""
     labels = np.asarray(labels, dtype=bool).ravel()
     scores = np.asarray(scores).ravel()
     order = np.argsort(scores)
     ranked, hits = scores[order], labels[order]
     starts = np.r_[0, np.flatnonzero(ranked[1:] != ranked[:-1]) + 1]
-    ends = np.r_[starts[1:], ranked.size]
-    positives_per_run = np.add.reduceat(hits.astype(np.int64), starts)
-    rank_sum = float(((starts + ends + 1) / 2.0 * positives_per_run).sum())
-    n_pos = int(hits.sum())
-    n_neg = hits.size - n_pos
+    return starts, np.add.reduceat(hits.astype(np.int64), starts), ranked.size
+
+
+def _auroc_of_runs(starts: np.ndarray, positives: np.ndarray, total: int) -> float:
+    ends = np.r_[starts[1:], total]
+    rank_sum = float(((starts + ends + 1) / 2.0 * positives).sum())
+    n_pos = int(positives.sum())
+    n_neg = total - n_pos
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
-    """ROC AUC over every test pixel (normal images included), as in MVTec AD evaluations."""
+def _f1_max_of_runs(starts: np.ndarray, positives: np.ndarray, total: int) -> float:
+    # Predicting "anomalous" at or above each run's score: counts accumulate from the highest run down.
+    sizes = np.diff(np.r_[starts, total])
+    true_pos = np.cumsum(positives[::-1])
+    predicted = np.cumsum(sizes[::-1])
+    return float((2 * true_pos / (predicted + positives.sum())).max())
+
+
+def _check_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     masks = np.asarray(masks, dtype=bool).ravel()
     maps = np.asarray(maps, dtype=np.float32).ravel()
     if masks.shape != maps.shape:
@@ -45,7 +66,18 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
         raise DataError("pixel AUROC needs both normal and defective pixels in the test masks")
     if not np.isfinite(maps).all():
         raise FloatingPointError("anomaly maps contain NaN or Inf")
-    return rank_auroc(masks, maps)
+    return masks, maps
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """ROC AUC over every test pixel (normal images included), as in MVTec AD evaluations."""
+    return rank_auroc(*_check_pixels(masks, maps))
+
+
+def pixel_auroc_and_f1_max(masks: np.ndarray, maps: np.ndarray) -> tuple[float, float]:
+    """:func:`pixel_auroc` and :func:`f1_max` of the same pixels from one sort (the sort dominates both)."""
+    runs = _ascending_runs(*_check_pixels(masks, maps))
+    return _auroc_of_runs(*runs), _f1_max_of_runs(*runs)
 
 
 def _descending_runs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

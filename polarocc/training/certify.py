@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from polarocc.memory import release_free_memory
 from polarocc.models.projector import Projector
 
 
@@ -48,12 +49,16 @@ def certified_min_distance_sq(projectors: list[Projector], centers: list[torch.T
     bound = [float("inf")] * len(setup)
     radius_sq = radius ** 2
     for features in batches():
-        f = torch.as_tensor(features).to(device).to(torch.float64).flatten(2).transpose(0, 1).flatten(1)  # (C, pixels)
-        for i, (weight, gap, reduced, reduced_gap) in enumerate(setup):
-            low = (reduced @ f + reduced_gap[:, None]).pow(2).sum(0)
-            unsure = low <= radius_sq
-            if unsure.any():
-                exact = (weight @ f[:, unsure] + gap[:, None]).pow(2).sum(0)
-                low[unsure] = exact
-            bound[i] = min(bound[i], float(low.min()))
+        shard = torch.as_tensor(features).to(device)
+        for image in shard:  # one image in float64 at a time: a 1792-channel shard would be 720 MB
+            f = image.to(torch.float64).flatten(1)  # (C, pixels)
+            for i, (weight, gap, reduced, reduced_gap) in enumerate(setup):
+                low = (reduced @ f + reduced_gap[:, None]).pow(2).sum(0)
+                unsure = low <= radius_sq
+                if unsure.any():
+                    exact = (weight @ f[:, unsure] + gap[:, None]).pow(2).sum(0)
+                    low[unsure] = exact
+                bound[i] = min(bound[i], float(low.min()))
+        del shard, f
+        release_free_memory()
     return bound

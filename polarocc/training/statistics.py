@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from polarocc.features.store import read_rows
+from polarocc.memory import release_free_memory
 
 STREAM_BLOCK_BYTES = 256 * 2 ** 20  # float64 pixels converted at once when forming a streamed Gram
 
@@ -83,6 +84,9 @@ def gram_of(features: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple
         gram.addmm_(flat, flat.T)
         sums += flat.sum(1)
     return gram, sums
+
+
+TRIM_BYTES = 64 * 2 ** 20  # batches at least this large give their freed memory back (ms per batch, see memory.py)
 
 
 class StreamedStatistics:
@@ -149,7 +153,11 @@ class StreamedStatistics:
         else:
             self._queue = []
         self._prefetch(0)
-        gram, sums = gram_of(self._block(indices, pending), self.dtype)
+        block = self._block(indices, pending)
+        gram, sums = gram_of(block, self.dtype)
+        if block.nbytes >= TRIM_BYTES and block.device.type == "cpu":
+            del block
+            release_free_memory()  # else the allocator keeps freed batches and the RSS creeps up with N
         if self.images_read < self.features.shape[0]:
             self._epoch_gram = gram.clone() if self._epoch_gram is None else self._epoch_gram.add_(gram)
         self.images_read += len(indices)

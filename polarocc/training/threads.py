@@ -12,10 +12,16 @@ only the problem running on it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 PARALLEL_FLOP = 2e8  # below this many FLOP per step, one thread wins on a loaded CPU
 
@@ -47,3 +53,24 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def in_order(work: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
+    """``work(item)`` of every item, yielded in order; up to ``workers`` run at once on threads (torch ops
+    release the GIL), at most that many results wait ahead of the consumer."""
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="polarocc-fit") as pool:
+        pending: deque[Future[R]] = deque(pool.submit(work, item) for item in items[:workers])
+        upcoming = iter(items[workers:])
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in upcoming:
+                    pending.append(pool.submit(work, item))
+                    break
+                yield result
+        finally:  # an error or an abandoned generator: drop what has not started
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,85 @@
+"""Work split into chunks or run side by side gives the results of doing it whole and in turn."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from polarocc.analysis.polar import PolarAccumulator
+from polarocc.config import load_params
+from polarocc.features.store import FeatureStore
+from polarocc.models.projector import Projector
+from polarocc.pipeline import paths
+from polarocc.pipeline import score as score_module
+from polarocc.pipeline.score import pixel_accumulators, score_store
+from polarocc.pipeline.train import fit_store, load_model, run_train
+from polarocc.scoring.maps import chunk_images
+from polarocc.scoring.pixel_metrics import ExactPixelMetrics, results_of
+
+
+@pytest.fixture
+def project(extracted_project: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    shutil.copytree(extracted_project, folder)
+    return folder
+
+
+def test_chunk_images_fits_the_chunk_budget() -> None:
+    assert chunk_images(1792, 56, 56) == 1  # 22.5 MB of float32 per image: one at a time
+    assert chunk_images(176, 56, 56) == 7
+    assert chunk_images(4, 1, 1) == 16 * 2 ** 20 // 16
+
+
+def test_scoring_a_few_images_at_a_time_equals_scoring_whole_shards(project: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    params = load_params(project / "params.yaml")
+    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    torch.manual_seed(0)
+    channels = store.channels
+    projector = Projector(channels, "conv1x1", True, seed=3)
+    center = torch.randn(channels)
+
+    def run() -> tuple[np.ndarray, dict, dict]:
+        [pixel] = pixel_accumulators(store, 1, params.score)
+        polar = [PolarAccumulator(center)]
+        [scores] = score_store(store, [(projector, center)], params.score, pixel=[pixel], polar=polar)
+        return scores, pixel.result(), polar[0].summary()
+
+    monkeypatch.setattr(score_module, "chunk_images", lambda *_: 1)
+    one_by_one = run()
+    monkeypatch.setattr(score_module, "chunk_images", lambda *_: 10 ** 6)
+    whole = run()
+    assert len(whole[0]) == store.features("test").shape[0]
+    np.testing.assert_allclose(one_by_one[0], whole[0], rtol=1e-6)
+    for key in ("pixel_auroc", "aupro", "pixel_f1_max"):
+        assert one_by_one[1][key] == pytest.approx(whole[1][key], abs=1e-6)
+    assert one_by_one[2]["normal"]["count"] == whole[2]["normal"]["count"] > 0
+    assert one_by_one[2]["cosine_normal_anomalous"] == pytest.approx(whole[2]["cosine_normal_anomalous"], abs=1e-5)
+
+
+def test_pixel_results_side_by_side_equal_those_in_turn() -> None:
+    rng = np.random.default_rng(4)
+    accumulators = [ExactPixelMetrics() for _ in range(3)]
+    masks = rng.random((4, 16, 16)) < 0.1
+    for accumulator in accumulators:
+        accumulator.add(rng.random((4, 16, 16)).astype(np.float32) + masks, masks)
+    in_turn = [a.result() for a in accumulators]
+    assert results_of(accumulators, masks.size, memory_mb=64) == in_turn  # room for every core
+    assert results_of(accumulators, masks.size, memory_mb=0) == in_turn  # no room: one at a time
+
+
+def test_categories_trained_side_by_side_equal_those_trained_in_turn(project: Path) -> None:
+    params = load_params(project / "params.yaml")
+    run_train(params, 2.0, progress=False)
+    for category in params.datasets["mine"].categories:
+        store = FeatureStore(paths.feature_store(params, "mine", category))
+        alone = fit_store(store, params, 2.0, params.sweep.distributions)
+        for distribution, (projector, center, _) in alone.items():
+            saved, saved_center, _ = load_model(paths.model_file(params, 2.0, distribution, "mine", category), store)
+            assert torch.equal(saved.weight, projector.weight.detach().float())
+            assert torch.equal(saved.bias, projector.bias.detach().float())
+            assert torch.equal(saved_center, center)
