@@ -85,6 +85,14 @@ def extracted_project(tmp_path_factory: pytest.TempPathFactory, default_params: 
     return folder
 
 
+@pytest.fixture
+def project_copy(extracted_project: Path, tmp_path: Path) -> Path:
+    """A writable copy of :func:`extracted_project` for one test."""
+    folder = tmp_path / "project"
+    shutil.copytree(extracted_project, folder)
+    return folder
+
+
 DVC_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 

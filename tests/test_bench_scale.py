@@ -30,8 +30,27 @@ def test_generated_category_has_the_asked_counts_and_a_defect(tmp_path: Path) ->
     assert len(list((tmp_path / "brick" / "train" / "good").glob("*.png"))) == 8
     assert len(list((tmp_path / "brick" / "test").rglob("*.png"))) == 2
     assert len(list((tmp_path / "brick" / "ground_truth").rglob("*_mask.png"))) == 1
-    assert scale.parse_skip("none") == set()
-    assert scale.parse_skip("wide_resnet50_2:stored:512") == {("wide_resnet50_2", "stored", 512)}
+    assert scale.parse_skip("none", ["project"]) == set()
+    assert scale.parse_skip("wide_resnet50_2:stored:512", ["project", "1"]) == {
+        ("wide_resnet50_2", "stored", 512, "project"), ("wide_resnet50_2", "stored", 512, "1")}
+    assert scale.parse_skip("wide_resnet50_2:stored:512:1", ["project", "1"]) == {
+        ("wide_resnet50_2", "stored", 512, "1")}
+
+
+def test_rss_targets_are_judged_per_memory_budget() -> None:
+    scale = load_script()
+
+    def row(n: int, budget: str, train: float, score: float) -> dict:
+        return {"backbone": "b", "channels": 176, "statistics": "stored", "auto_statistics": True, "train_images": n,
+                "memory_budget": budget, "peak_rss_mb": {"extract": 1.0, "train": train, "score": score},
+                "bytes_per_train_image": {"total": 1.0}}
+
+    rows = [row(32, "project", 100, 100), row(512, "project", 150, 100), row(32, "1", 100, 100),
+            row(512, "1", 110, 119)]
+    checks = scale.targets({"rows": rows, "projection": [], "dvc_cache": {"link": "hardlink", "adds_copy": False}})
+    rss = [(ok, detail) for name, ok, detail in checks if name.startswith("peak RSS")]
+    assert rss == [(False, "b stored 512 vs 32: train 1.50x, score 1.00x"),
+                   (True, "b stored 512 vs 32: train 1.10x, score 1.19x")]
 
 
 def test_smallest_run_writes_the_schema_and_cleans_up(tmp_path: Path) -> None:

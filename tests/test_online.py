@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +25,19 @@ from polarocc.scoring.metrics import image_auroc, pixel_auroc
 from polarocc.training.direct import train_direct
 
 
-@pytest.fixture
-def project(extracted_project: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "project"
-    shutil.copytree(extracted_project, folder)
-    return folder
-
-
 def test_checkpoints_double_until_every_image() -> None:
     assert checkpoints(64) == [1, 2, 4, 8, 16, 32, 64]
     assert checkpoints(6) == [1, 2, 4, 6]
     assert checkpoints(1) == [1]
 
 
-def test_online_config_is_batch_one_single_pass(project: Path) -> None:
-    cfg = online_config(load_params(project / "params.yaml"))
+def test_online_config_is_batch_one_single_pass(project_copy: Path) -> None:
+    cfg = online_config(load_params(project_copy / "params.yaml"))
     assert (cfg.batch_size, cfg.epochs, cfg.seed) == (1, 1, 5)
 
 
-def test_curve_does_not_change_the_model_and_ends_at_the_final_scores(project: Path) -> None:
-    params = load_params(project / "params.yaml")
+def test_curve_does_not_change_the_model_and_ends_at_the_final_scores(project_copy: Path) -> None:
+    params = load_params(project_copy / "params.yaml")
     store = FeatureStore(paths.feature_store(params, "mine", "brick"))
     metrics, (projector, center, history) = run_category(store, params)
     assert [p["seen"] for p in metrics["curve"]] == [1, 2, 4, 6] and history.steps == 6
@@ -72,8 +64,8 @@ def test_curve_does_not_change_the_model_and_ends_at_the_final_scores(project: P
     assert metrics["scores"] == pytest.approx(scores, abs=1e-5)
 
 
-def test_run_online_writes_models_curve_and_plot(project: Path) -> None:
-    params = load_params(project / "params.yaml")
+def test_run_online_writes_models_curve_and_plot(project_copy: Path) -> None:
+    params = load_params(project_copy / "params.yaml")
     results = run_online(params, "mine", progress=False)
     assert set(results) == {"brick", "gravel"} and all(m["protocol"] == "C" for m in results.values())
     curve = pl.read_csv(paths.learning_curve_csv(params, "mine"), schema_overrides={"category": pl.String})
@@ -88,16 +80,16 @@ def test_run_online_writes_models_curve_and_plot(project: Path) -> None:
     assert len(model.normal_scores) == 6 and model.threshold.value == max(model.normal_scores)  # quantile 0.99 of 6
 
 
-def test_cold_start_rejects_a_data_dependent_center(project: Path) -> None:
-    raw = yaml.safe_load((project / "params.yaml").read_text())
+def test_cold_start_rejects_a_data_dependent_center(project_copy: Path) -> None:
+    raw = yaml.safe_load((project_copy / "params.yaml").read_text())
     raw["center"]["distribution"] = "feature_mean"
     raw["sweep"]["distributions"] = ["feature_mean"]
-    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="Protocol C starts cold"):
-        load_params(project / "params.yaml")
+        load_params(project_copy / "params.yaml")
     raw["protocol_c"]["datasets"] = ["other"]
     raw["center"]["distribution"] = "normal"
     raw["sweep"]["distributions"] = ["normal"]
-    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"protocol_c\.datasets"):
-        load_params(project / "params.yaml")
+        load_params(project_copy / "params.yaml")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +20,15 @@ from polarocc.scoring.maps import chunk_images
 from polarocc.scoring.pixel_metrics import ExactPixelMetrics, results_of
 
 
-@pytest.fixture
-def project(extracted_project: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "project"
-    shutil.copytree(extracted_project, folder)
-    return folder
-
-
 def test_chunk_images_fits_the_chunk_budget() -> None:
     assert chunk_images(1792, 56, 56) == 1  # 22.5 MB of float32 per image: one at a time
     assert chunk_images(176, 56, 56) == 7
     assert chunk_images(4, 1, 1) == 16 * 2 ** 20 // 16
 
 
-def test_scoring_a_few_images_at_a_time_equals_scoring_whole_shards(project: Path,
+def test_scoring_a_few_images_at_a_time_equals_scoring_whole_shards(project_copy: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    params = load_params(project / "params.yaml")
+    params = load_params(project_copy / "params.yaml")
     store = FeatureStore(paths.feature_store(params, "mine", "brick"))
     torch.manual_seed(0)
     channels = store.channels
@@ -72,8 +64,8 @@ def test_pixel_results_side_by_side_equal_those_in_turn() -> None:
     assert results_of(accumulators, masks.size, memory_mb=0) == in_turn  # no room: one at a time
 
 
-def test_categories_trained_side_by_side_equal_those_trained_in_turn(project: Path) -> None:
-    params = load_params(project / "params.yaml")
+def test_categories_trained_side_by_side_equal_those_trained_in_turn(project_copy: Path) -> None:
+    params = load_params(project_copy / "params.yaml")
     run_train(params, 2.0, progress=False)
     for category in params.datasets["mine"].categories:
         store = FeatureStore(paths.feature_store(params, "mine", category))
