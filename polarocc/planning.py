@@ -342,10 +342,11 @@ def extract_memory(params: Params, shape: BackboneShape, layout: StoreLayout) ->
 
 def train_memory(params: Params, shape: BackboneShape, layout: StoreLayout, max_train: int,
                  a_images: int = 0) -> int:
-    """Peak of ``train`` (Gram trainer, one category at a time): the statistics source (every stored Gram matrix
-    while they fit ``train.stats_memory_mb``, else a batch of them; streamed: two batches of features and their
-    float64 block; on a GPU the features may stay in device memory, not counted here) plus every lockstep
-    variant's weights, gradient and Adam moments."""
+    """Peak of ``train`` (Gram trainer, one category at a time; categories too small for threads train side by
+    side, each within an equal share of ``train.stats_memory_mb``, so the bound holds): the statistics source
+    (every stored Gram matrix while they fit ``train.stats_memory_mb``, else a batch of them; streamed: two
+    batches of features and their float64 block; on a GPU the features may stay in device memory, not counted
+    here) plus every lockstep variant's weights, gradient and Adam moments."""
     t, est = params.train, ESTIMATE
     c = shape.channels
     itemsize = np.dtype(t.dtype).itemsize
@@ -373,7 +374,7 @@ def score_memory(params: Params, shape: BackboneShape, max_test: int) -> int:
     """Peak of ``score`` (one category at a time): a shard of test features, the float32 copies and maps of the
     images projected at once (:func:`chunk_images`), the models, and the pixel metrics (exact while they fit
     ``score.metrics_memory_mb``, else fixed histograms)."""
-    from polarocc.scoring.pixel_metrics import EXACT_BYTES_COMPUTING, EXACT_BYTES_KEPT
+    from polarocc.scoring.pixel_metrics import EXACT_BYTES_COMPUTING, EXACT_BYTES_KEPT, result_workers
 
     e, est, crop = params.extract, ESTIMATE, params.backbone.crop
     c, h, w = shape.channels, shape.height, shape.width
@@ -382,7 +383,9 @@ def score_memory(params: Params, shape: BackboneShape, max_test: int) -> int:
     features = (shard * feature_bytes_per_image(c, h, w, e.dtype)
                 + chunk * c * h * w * (est["score_float_copies"] * 4 + est["polar_float64_copies"] * 8))
     maps = est["map_copies"] * chunk * crop * crop * 4
-    exact = max_test * crop * crop * (variants * EXACT_BYTES_KEPT + EXACT_BYTES_COMPUTING)
+    pixels = max_test * crop * crop
+    workers = result_workers(variants, variants, pixels, params.score.metrics_memory_mb)  # computed side by side
+    exact = pixels * (variants * EXACT_BYTES_KEPT + workers * EXACT_BYTES_COMPUTING)
     pixel = exact if exact <= params.score.metrics_memory_mb * MIB else \
         variants * est["binned_metrics_bytes_per_model"]
     return est["base_process_bytes"] + features + maps + variants * (c * c + c) * 4 + pixel

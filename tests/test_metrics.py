@@ -46,6 +46,8 @@ def test_image_auroc_refuses_non_finite_scores_and_length_mismatch() -> None:
         image_auroc([0, 1, 1], [0.1, np.nan, 0.3])
     with pytest.raises(ValueError, match="3 labels but 2 scores"):
         image_auroc([0, 1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"0 \(normal\) or 1 \(anomalous\), got \[1, 2\]"):
+        image_auroc([1, 2, 2], [0.1, 0.2, 0.3])
 
 
 @pytest.mark.parametrize("decimals", [None, 1, 3])

@@ -35,6 +35,7 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
     crop = int(store.attrs["geometry"]["crop"])
     step = chunk_images(store.channels, *store.features(split).shape[2:])
     scores: list[list[np.ndarray]] = [[] for _ in models]
+    z = distances = batch_maps = None
     # A few images at a time, read as such (the stores chunk each image within a shard): the float32 work and
     # the reads scale with this chunk, not with the shard, so a small test split peaks as high as a large one.
     for indices, features in store.batches(split, step):
@@ -50,7 +51,7 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
             if masks is not None:
                 pixel[i].add(batch_maps.float().cpu().numpy(), masks)
             scores[i].append(batch_scores.double().cpu().numpy())
-        del features, batch, z, distances, batch_maps
+        features = batch = z = distances = batch_maps = None  # freed before the heap is trimmed
         release_free_memory()
     return [np.concatenate(s) for s in scores]
 

@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from polarocc.training.direct import train_direct
 from polarocc.training.gram import VariantDiverged, train_lockstep
 from polarocc.training.schedule import TrainHistory
 from polarocc.training.statistics import StoredStatistics, StreamedStatistics
-from polarocc.training.threads import in_order, split_threads, threads_for, torch_threads
+from polarocc.training.threads import in_order, threads_for, torch_threads
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -215,13 +216,21 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
             for d, ds in params.datasets.items() for c in ds.categories]
     # Categories whose steps are too small for more than one thread train side by side, one per core (as
     # Protocol A's classes do); larger ones train in turn, each with every core and its own memory budget.
-    small = all(step_threads(store, params.train, len(distributions), device) == 1 for *_, store in jobs)
-    workers, threads = split_threads(os.cpu_count() or 1, len(jobs)) if small else (1, None)
+    # Each keeps its statistics within an equal share of train.stats_memory_mb, so the stage's peak stays that of
+    # one category (stored statistics read from disk are the same bits as held ones).
+    small = params.train.trainer == "gram" and all(
+        step_threads(store, params.train, len(distributions), device) == 1 for *_, store in jobs)
+    workers = min(os.cpu_count() or 1, len(jobs)) if small else 1
+    cfg = params.train if workers == 1 else replace(
+        params.train, stats_memory_mb=max(1, params.train.stats_memory_mb // workers))
+    threads = 1 if workers > 1 else None
 
     def fit(job: tuple[str, str, FeatureStore]) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
-        return fit_store(job[2], params, norm, distributions, device=device, threads=threads)
+        return fit_store(job[2], params, norm, distributions, cfg=cfg, device=device, threads=threads)
 
-    with closing(in_order(fit, jobs, workers)) as results:
+    # torch's thread count is process-wide here: set once around the pool, so the workers' own (equal)
+    # settings cannot race with each other or leak out.
+    with torch_threads(threads or torch.get_num_threads()), closing(in_order(fit, jobs, workers)) as results:
         for (dataset, category, store), fitted in tqdm(zip(jobs, results, strict=True), total=len(jobs),
                                                        desc=f"train norm {norm:g}", unit="category",
                                                        disable=not progress):

@@ -14,6 +14,8 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if labels.shape != scores.shape:
         raise ValueError(f"{labels.size} labels but {scores.size} scores")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"image labels must be 0 (normal) or 1 (anomalous), got {sorted(set(labels.tolist()))[:5]}")
     if labels.min() == labels.max():
         raise DataError("image AUROC needs both normal and anomalous test images")
     if not np.isfinite(scores).all():

@@ -22,7 +22,7 @@ from polarocc.scoring.metrics import _area_up_to, aupro, connected_regions, pixe
 
 KEY_BITS = 20
 EXACT_BYTES_KEPT = 4 + 1 + 4  # per pixel and model: float32 map, bool mask, int32 region id
-EXACT_BYTES_COMPUTING = 64  # per pixel, while one model's metrics are computed (sort orders, copies; measured ~51)
+EXACT_BYTES_COMPUTING = 72  # per pixel, while one model's metrics are computed (sort orders, copies; measured 69)
 
 
 class PixelMetrics(Protocol):
@@ -170,11 +170,17 @@ def pixel_metrics_for(test_pixels: int, models: int, memory_mb: float) -> list[P
 def results_of(accumulators: list[PixelMetrics], test_pixels: int, memory_mb: float) -> list[dict[str, float | str]]:
     """``result()`` of every accumulator, in order. Exact ones are computed side by side, one per core (numpy's
     sorts release the GIL), as far as their working memory fits ``memory_mb`` beside the kept arrays."""
-    exact = sum(isinstance(a, ExactPixelMetrics) for a in accumulators)
-    spare = memory_mb * 2 ** 20 - test_pixels * exact * EXACT_BYTES_KEPT
-    fit = max(1, spare // max(1, test_pixels * EXACT_BYTES_COMPUTING))
-    workers = int(min(os.cpu_count() or 1, len(accumulators), fit))
+    workers = result_workers(sum(isinstance(a, ExactPixelMetrics) for a in accumulators), len(accumulators),
+                             test_pixels, memory_mb)
     if workers <= 1:
         return [a.result() for a in accumulators]
     with ThreadPoolExecutor(workers, thread_name_prefix="polarocc-metrics") as pool:
         return list(pool.map(lambda a: a.result(), accumulators))
+
+
+def result_workers(exact: int, models: int, test_pixels: int, memory_mb: float) -> int:
+    """How many of ``models`` accumulators (``exact`` of them exact) :func:`results_of` computes at once: one per
+    core, as far as each one's working memory fits ``memory_mb`` beside the kept arrays."""
+    spare = memory_mb * 2 ** 20 - test_pixels * exact * EXACT_BYTES_KEPT
+    fit = max(1, int(spare // max(1, test_pixels * EXACT_BYTES_COMPUTING)))
+    return max(1, min(os.cpu_count() or 1, models, fit))

@@ -48,6 +48,7 @@ def certified_min_distance_sq(projectors: list[Projector], centers: list[torch.T
         setup.append((weight, gap, q.T @ weight, q.T @ gap))
     bound = [float("inf")] * len(setup)
     radius_sq = radius ** 2
+    f = None
     for features in batches():
         shard = torch.as_tensor(features).to(device)
         for image in shard:  # one image in float64 at a time: a 1792-channel shard would be 720 MB
@@ -59,6 +60,6 @@ def certified_min_distance_sq(projectors: list[Projector], centers: list[torch.T
                     exact = (weight @ f[:, unsure] + gap[:, None]).pow(2).sum(0)
                     low[unsure] = exact
                 bound[i] = min(bound[i], float(low.min()))
-        del shard, f
+        shard = f = None  # freed before the heap is trimmed
         release_free_memory()
     return bound
