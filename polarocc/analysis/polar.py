@@ -28,11 +28,14 @@ def position_labels(masks: np.ndarray, image_labels: np.ndarray, height: int, wi
     return labels
 
 
-def store_position_labels(store: FeatureStore, rows: slice = slice(None)) -> torch.Tensor:
+def store_position_labels(store: FeatureStore, rows: slice = slice(None),
+                          image_labels: np.ndarray | None = None) -> torch.Tensor:
     """:func:`position_labels` of a store's test images ``rows`` at its feature resolution, reading the
-    full-size masks one shard at a time."""
+    full-size masks one shard at a time. ``image_labels`` (every test image's 0/1 label) saves reading the
+    sample list again when the caller asks chunk after chunk."""
     shape = store.features("test").shape
-    image_labels = np.array([s.label for s in store.samples("test")])
+    if image_labels is None:
+        image_labels = np.array([s.label for s in store.samples("test")])
     start, stop, _ = rows.indices(shape[0])
     step = int(store.features("test").shards[0])
     return torch.cat([position_labels(store.masks(slice(i, min(i + step, stop))), image_labels[i:min(i + step, stop)],

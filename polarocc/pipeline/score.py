@@ -36,12 +36,13 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
     step = chunk_images(store.channels, *store.features(split).shape[2:])
     scores: list[list[np.ndarray]] = [[] for _ in models]
     z = distances = batch_maps = None
+    image_labels = None if polar is None else np.array([s.label for s in store.samples("test")])
     # A few images at a time, read as such (the stores chunk each image within a shard): the float32 work and
     # the reads scale with this chunk, not with the shard, so a small test split peaks as high as a large one.
     for indices, features in store.batches(split, step):
         rows = slice(int(indices[0]), int(indices[-1]) + 1)
         masks = None if pixel is None else store.masks(rows)
-        labels = None if polar is None else store_position_labels(store, rows)
+        labels = None if polar is None else store_position_labels(store, rows, image_labels)
         batch = torch.from_numpy(features).to(device)
         for i, (projector, center) in enumerate(models):
             z, distances = project(projector, center, batch, cfg.squared)
