@@ -37,10 +37,8 @@ def statistics_source(store: FeatureStore, cfg: TrainConfig, device: str = "cpu"
     """Where a category's batch statistics come from: the stored per-image Gram matrices, or the features
     streamed once per epoch (``train.statistics``; ``auto`` decides as extraction did, by bytes)."""
     features = store.features("train")
-    _, channels, height, width = features.shape
-    mode = resolve_statistics(cfg.statistics, channels, height, width, str(features.dtype))
     dtype = DTYPES[cfg.dtype]
-    if mode == STREAMED:
+    if statistics_mode(store, cfg) == STREAMED:
         # On a GPU, re-reading and decompressing the features every epoch would dominate a step, so they stay
         # in device memory when they fit; on the CPU forming G dominates and the page cache serves re-reads,
         # so host memory stays bounded by a batch.
@@ -60,12 +58,16 @@ def _step_flop(store: FeatureStore, variants: int, cfg: TrainConfig, streamed: b
     return variants * 2.0 * c ** 3 + forming
 
 
-def step_threads(store: FeatureStore, cfg: TrainConfig, variants: int, device: str) -> int:
-    """The torch threads :func:`fit_store` gives a category's lockstep steps (:func:`threads_for`)."""
+def statistics_mode(store: FeatureStore, cfg: TrainConfig) -> str:
+    """``train.statistics`` resolved for a category's training features (stored or streamed)."""
     features = store.features("train")
     _, channels, height, width = features.shape
-    streamed = resolve_statistics(cfg.statistics, channels, height, width, str(features.dtype)) == STREAMED
-    return threads_for(_step_flop(store, variants, cfg, streamed), device)
+    return resolve_statistics(cfg.statistics, channels, height, width, str(features.dtype))
+
+
+def step_threads(store: FeatureStore, cfg: TrainConfig, variants: int, device: str) -> int:
+    """The torch threads :func:`fit_store` gives a category's lockstep steps (:func:`threads_for`)."""
+    return threads_for(_step_flop(store, variants, cfg, statistics_mode(store, cfg) == STREAMED), device)
 
 
 def _totals(store: FeatureStore, stats: StoredStatistics | StreamedStatistics) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +127,7 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     streamed = isinstance(stats, StreamedStatistics)
     projectors = [fresh() for _ in distributions]
     observer = None if on_step is None else lambda v, seen: on_step(distributions[v], seen, projectors[v])
-    threads = threads or threads_for(_step_flop(store, len(distributions), cfg, streamed), device)
+    threads = threads or step_threads(store, cfg, len(distributions), device)
     try:
         with torch_threads(threads):
             histories, problems = train_lockstep(projectors, [centers[d] for d in distributions], stats, n_images,

@@ -101,11 +101,7 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
         raise ValueError(f"{labels.size} labels but {scores.size} scores")
     if not labels.any():
         raise DataError("F1 needs at least one anomalous sample")
-    order, ends = _descending_runs(scores)
-    true_pos = np.cumsum(labels[order])[ends]
-    predicted = ends + 1
-    f1 = 2 * true_pos / (predicted + labels.sum())
-    return float(f1.max())
+    return _f1_max_of_runs(*_ascending_runs(labels, scores))
 
 
 def connected_regions(masks: np.ndarray) -> np.ndarray:
