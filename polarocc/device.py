@@ -5,19 +5,30 @@ from __future__ import annotations
 import socket
 from urllib.parse import urlsplit
 
-import torch
-
 from polarocc.errors import ConfigError
+
+
+def check_device(requested: str, key: str = "device") -> None:
+    """Fail, naming ``key``, unless ``requested`` is auto, cpu, or cuda with a CUDA device; torch is imported
+    only to check 'cuda' (its import costs the `validate` stage a second)."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{key}: unknown device {requested!r}; use auto, cpu or cuda")
+    if requested == "cuda":
+        pick_device(requested, key)
 
 
 def pick_device(requested: str, key: str = "device") -> str:
     """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a CUDA device is an error naming ``key``."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{key}: unknown device {requested!r}; use auto, cpu or cuda")
+    if requested == "cpu":
+        return requested
+    import torch  # here: see check_device
+
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise ConfigError(f"{key}: 'cuda' was requested but torch sees no CUDA device; use 'auto' or 'cpu'")
-    if requested not in ("cpu", "cuda"):
-        raise ConfigError(f"{key}: unknown device {requested!r}; use auto, cpu or cuda")
     return requested
 
 

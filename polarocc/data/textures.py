@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from skimage import data as skdata
-from skimage import draw
-from skimage.transform import resize
 from tqdm import tqdm
 
 from polarocc.config import DEFECT_TYPES
@@ -51,6 +49,8 @@ def _random_crop(photo: np.ndarray, rows: tuple[int, int], crop: int, size: int,
     patch = np.rot90(patch, k=int(rng.integers(4)))
     if rng.random() < 0.5:
         patch = patch[:, ::-1]
+    from skimage.transform import resize  # here, like draw below: scipy's import would cost `validate` (check_spec)
+
     return resize(patch, (size, size), order=1, anti_aliasing=True)
 
 
@@ -68,6 +68,8 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, _other: np.ndarray) -> t
     dr, dc = np.sin(angle) * length / 2, np.cos(angle) * length / 2
     mask = np.zeros_like(img, dtype=bool)
     width = int(rng.integers(2, 5))
+    from skimage import draw
+
     for offset in range(-(width // 2), width - width // 2):
         rr, cc = draw.line(int(r0 - dr) + offset, int(c0 - dc), int(r0 + dr) + offset, int(c0 + dc))
         keep = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
@@ -80,6 +82,8 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, _other: np.ndarray) -> t
 def _ellipse_mask(size: int, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
     r0, c0 = _defect_center(size, rng)
     radii = rng.uniform(lo, hi, size=2) * size
+    from skimage import draw
+
     rr, cc = draw.ellipse(r0, c0, radii[0], radii[1], shape=(size, size), rotation=rng.uniform(0, np.pi))
     mask = np.zeros((size, size), dtype=bool)
     mask[rr, cc] = True

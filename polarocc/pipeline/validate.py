@@ -11,7 +11,7 @@ from __future__ import annotations
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
 from polarocc.data.textures import check_spec
-from polarocc.device import check_scheduler, pick_device
+from polarocc.device import check_device, check_scheduler
 from polarocc.ownership import check_replaceable
 from polarocc.pipeline import paths
 
@@ -31,9 +31,9 @@ def validate_environment(params: Params, backbone: bool = True) -> None:
     if backbone:
         validate_backbone(params)
     check_spec(params.embedded_data.categories, params.embedded_data.crop)
-    pick_device(params.extract.device, "extract.device")
-    pick_device(params.score.device, "score.device")
-    pick_device(params.train.device, "train.device")
+    check_device(params.extract.device, "extract.device")
+    check_device(params.score.device, "score.device")
+    check_device(params.train.device, "train.device")
     check_scheduler(params.extract.scheduler)
     check_replaceable(paths.embedded_output(params), paths.EMBEDDED_KEY, "prepare",
                       paths.recorded_outputs(params.root, "prepare"))
