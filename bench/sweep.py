@@ -162,7 +162,7 @@ def dvc_sweep(norms: list[float], name: str) -> dict:
                if stage.get("outs") and all((root / out["path"]).exists() for out in stage["outs"])}
     norm_dirs = {p.name for p in (root / "models").glob("norm-*")}
     value = "[" + ",".join(f"{n:g}" for n in norms) + "]"
-    command = ["dvc", *os.environ.get("BENCH_DVC_FLAGS", "").split(), "exp", "run", "-S", f"sweep.norms={value}", "--name", name]
+    command = ["dvc", "exp", "run", "-S", f"sweep.norms={value}", "--name", name]
     stages: list[dict] = []
     lines: list[str] = []
     rc = None

@@ -29,7 +29,7 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
 
     first = _stagesrun_checked(run_checked(["dvc", "repro"], project))
     assert {"prepare", "extract@textures", "extract_a@digits", "train@1", "train@8", "score@1", "score@8",
-            "online@textures", "export", "peers", "analyze", "aggregate", "report"} <= first
+            "online@textures", "export", "peers", "analyze", "report"} <= first
 
     table = read_results(project / "reports/results.csv")
     online = table.filter(pl.col("protocol") == "C")
@@ -65,11 +65,11 @@ def test_dvc_repro_then_new_norm(params_dict: dict, tmp_path: Path) -> None:
     model = project / "models/norm-8/ones/textures/brick.pt"
     assert model.is_file()
 
-    # A new norm reruns only its own train/score stages and the aggregate; extraction is untouched.
+    # A new norm reruns only its own train/score stages and the report; extraction is untouched.
     params_dict["sweep"]["norms"] = [1, 3]
     write_params(params_dict, project)
     second = _stagesrun_checked(run_checked(["dvc", "repro"], project))
-    assert second == {"validate", "train@3", "score@3", "aggregate", "report"}
+    assert second == {"validate", "train@3", "score@3", "report"}
     table = read_results(project / "reports/results.csv").filter(
         (pl.col("protocol") != "C") & (pl.col("method") == "projector"))
     assert sorted(set(table["norm"])) == [1.0, 3.0]

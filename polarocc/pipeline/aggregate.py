@@ -1,4 +1,5 @@
-"""Stage ``aggregate``: results table, ``dvc exp show`` metrics, the norm-sweep tables and plot."""
+"""The results table, ``dvc exp show`` metrics, the norm-sweep tables and plot: the first half of the ``report``
+stage (the second is :mod:`polarocc.pipeline.report`)."""
 
 from __future__ import annotations
 
