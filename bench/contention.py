@@ -69,15 +69,15 @@ def _loadavg() -> float:
 
 def workload_b(params, norm: float) -> tuple[Callable[[], int], dict]:
     """fit_store of every category of the textures dataset at ``norm``, every distribution."""
+    from polarocc import layout
     from polarocc.features.store import FeatureStore
-    from polarocc.pipeline import paths
     from polarocc.pipeline.train import _step_flop, fit_store, statistics_source
     from polarocc.training.statistics import StreamedStatistics
     from polarocc.training.threads import threads_for
 
     dataset = "textures"
     categories = params.datasets[dataset].categories
-    stores = [FeatureStore(paths.feature_store(params, dataset, c)) for c in categories]
+    stores = [FeatureStore(layout.feature_store(params, dataset, c)) for c in categories]
     distributions = tuple(params.sweep.distributions)
     source = statistics_source(stores[0], params.train)
     streamed = isinstance(source, StreamedStatistics)
@@ -98,12 +98,13 @@ def workload_b(params, norm: float) -> tuple[Callable[[], int], dict]:
 
 def workload_a(params, norm: float) -> tuple[Callable[[], int], dict]:
     """protocol_a.fit_all at ``norm``: every class of every Protocol A dataset, every distribution."""
+    from polarocc import layout
     from polarocc.features.store import FeatureStore
-    from polarocc.pipeline import paths, protocol_a
+    from polarocc.pipeline import protocol_a
     from polarocc.training.threads import split_threads, threads_for
 
     datasets = list(params.protocol_a.datasets)
-    store = FeatureStore(paths.feature_store(params, datasets[0], protocol_a.STORE_NAME))
+    store = FeatureStore(layout.feature_store(params, datasets[0], protocol_a.STORE_NAME))
     features, labels, _ = protocol_a.load_split(store, "train")
     cfg = protocol_a.train_config(params)
     classes = protocol_a.chosen_classes(store, params.protocol_a.datasets[datasets[0]])

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import yaml
 
+from polarocc import layout
 from polarocc.atomic import write_text
 from polarocc.config import Params, load_params
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
-from polarocc.pipeline import paths
 from polarocc.pipeline.extract import run_extract
 from polarocc.pipeline.prepare import run_prepare
 from polarocc.pipeline.score import run_score
@@ -88,14 +88,14 @@ def compare(kind: str, cpu: Params, cuda: Params, cpu_scores: dict, cuda_scores:
     """(check, measured, passed) rows for one project."""
     rows = []
     for category in cpu.datasets["textures"].categories:
-        a = FeatureStore(paths.feature_store(cpu, "textures", category))
-        b = FeatureStore(paths.feature_store(cuda, "textures", category))
+        a = FeatureStore(layout.feature_store(cpu, "textures", category))
+        b = FeatureStore(layout.feature_store(cuda, "textures", category))
         for split in ("train", "test"):
             ulps = float16_ulps(a.features(split)[:], b.features(split)[:])
             rows.append((f"{kind} {category} {split} features", f"{ulps:.1f} float16 ulp", ulps <= 1.0))
         for distribution in cpu.sweep.distributions:
-            pa, _, _ = load_model(paths.model_file(cpu, NORM, distribution, "textures", category))
-            pb, _, _ = load_model(paths.model_file(cuda, NORM, distribution, "textures", category))
+            pa, _, _ = load_model(layout.model_file(cpu, NORM, distribution, "textures", category))
+            pb, _, _ = load_model(layout.model_file(cuda, NORM, distribution, "textures", category))
             diff = float((pa.weight - pb.weight).norm() / pa.weight.norm())
             rows.append((f"{kind} {category} {distribution} weights", f"{diff:.2e} relative", diff <= 1e-3))
             ra = cpu_scores[distribution]["textures"][category]

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.reporting import write_results  # noqa: E402
+from polarocc import layout  # noqa: E402
 from polarocc.config import TrainConfig, load_params  # noqa: E402
 from polarocc.data.images import Geometry  # noqa: E402
 from polarocc.features import store as fs  # noqa: E402
@@ -41,7 +42,6 @@ from polarocc.features.store import FeatureStore  # noqa: E402
 from polarocc.models.backbone import build_extractor  # noqa: E402
 from polarocc.models.centers import make_center  # noqa: E402
 from polarocc.models.projector import Projector  # noqa: E402
-from polarocc.pipeline import paths  # noqa: E402
 from polarocc.pipeline.train import fit_store  # noqa: E402
 from polarocc.training.direct import train_direct  # noqa: E402
 from polarocc.training.gram import train_gram  # noqa: E402
@@ -65,7 +65,7 @@ def bench_extraction(params, category: str = "brick", repeat: int = 3) -> dict:
     extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
     device = pick_device(e.device, "extract.device")
     geometry = Geometry(b.resize, b.crop)
-    samples = read_category(paths.dataset_root(params, "textures"), category)
+    samples = read_category(layout.dataset_root(params, "textures"), category)
     runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, device)
     everything = samples["train"] + samples["test"]
     spec = extractor.spec(b.crop)
@@ -169,7 +169,7 @@ def bench_extraction(params, category: str = "brick", repeat: int = 3) -> dict:
 
 def bench_training_default(params, category: str = "brick") -> dict:
     """Seconds per variant (one distribution, one category) for both trainers on the real cache."""
-    store = FeatureStore(paths.feature_store(params, "textures", category))
+    store = FeatureStore(layout.feature_store(params, "textures", category))
     cfg = params.train
     start = time.perf_counter()
     fit_store(store, params, 1.0, ("normal",))
@@ -248,7 +248,7 @@ def bench_cluster(params, category: str = "brick", workers: int = 2) -> dict:
     spec = extractor.spec(b.crop)
     layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images, e.compressor,
                             e.level)
-    samples = read_category(paths.dataset_root(params, "textures"), category, check=False, progress=False)
+    samples = read_category(layout.dataset_root(params, "textures"), category, check=False, progress=False)
     count = sum(len(v) for v in samples.values())
     backbone = {"name": b.name}
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from polarocc import layout  # noqa: E402
 from polarocc.atomic import write_json, write_text  # noqa: E402
 from polarocc.config import load_params, read_yaml  # noqa: E402
 from polarocc.features.budget import (  # noqa: E402
@@ -56,7 +57,6 @@ from polarocc.features.budget import (  # noqa: E402
     nearest_existing,
     resolve_statistics,
 )
-from polarocc.pipeline import paths  # noqa: E402
 
 BACKBONE_WEIGHTS = {"wide_resnet50_2": "random", "tf_efficientnet_lite0": "package"}
 DATASET, CATEGORY, NORM = "bench", "brick", 1.0
@@ -111,7 +111,7 @@ def child(stage: str, project: Path) -> None:
             start = time.perf_counter()
             histories = train_stage.run_train(params, NORM, progress=True)
             fits = [h[DATASET][CATEGORY] for h in histories.values()]
-            models = [paths.model_file(params, NORM, d, DATASET, CATEGORY) for d in params.sweep.distributions]
+            models = [layout.model_file(params, NORM, d, DATASET, CATEGORY) for d in params.sweep.distributions]
             extra = {"epoch_loop_seconds": loop[0], "trainers": sorted({h["trainer"] for h in fits}),
                      "notes": sorted({n for h in fits for n in h["notes"] if not n.startswith("every training")}),
                      "model_bytes": sum(m.stat().st_size for m in models) / len(models)}
@@ -253,7 +253,7 @@ def dvc_cache(root: Path) -> dict:
     """The cache link DVC uses for the project's feature stores, and whether it adds a copy of their bytes."""
     from polarocc.planning import LINK_TYPES, NO_PROJECT, dvc_cache_link
 
-    link, types, note = dvc_cache_link(root, nearest_existing(root / paths.FEATURES))
+    link, types, note = dvc_cache_link(root, nearest_existing(root / layout.FEATURES))
     return {"link": link, "types": types, "note": note, "adds_copy": link not in (*LINK_TYPES, NO_PROJECT)}
 
 
@@ -276,7 +276,7 @@ def measure_row(project: Path, backbone: str, statistics: str, n_train: int, n_t
         print(f"    {name}: {stage[name]['seconds']:.1f} s, peak RSS "
               f"{stage[name]['peak_rss_bytes'] / MIB:.0f} MiB", file=sys.stderr, flush=True)
         if name == "extract":
-            path = paths.feature_store(params, DATASET, CATEGORY)
+            path = layout.feature_store(params, DATASET, CATEGORY)
             arrays = {a: folder_bytes(path / a) for a in ARRAYS}
             arrays["other"] = folder_bytes(path) - sum(arrays.values())
             channels, height, width = FeatureStore(path).features("train").shape[1:]

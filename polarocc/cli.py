@@ -76,12 +76,12 @@ def results(params: Path = PARAMS, dataset: str | None = typer.Option(None, help
     """Print the results of the last `dvc repro` (reports/results.csv) as a table."""
     import polars as pl
 
+    from polarocc import layout
     from polarocc.config import load_params
-    from polarocc.pipeline import paths
     from polarocc.reports.tables import read_results, sweep_means
 
     p = load_params(params)
-    csv = paths.reports(p) / "results.csv"
+    csv = layout.reports(p) / "results.csv"
     if not csv.is_file():
         raise MissingOutputError(f"{csv} does not exist yet: run `dvc repro` first")
     table = read_results(csv)

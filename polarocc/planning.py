@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polarocc import layout
 from polarocc.config import ClassificationDatasetConfig, Params, check_datasets_exist, resolve
 from polarocc.errors import DataError
 from polarocc.features.budget import (
@@ -35,7 +36,6 @@ from polarocc.features.budget import (
 )
 from polarocc.features.store import StoreLayout
 from polarocc.models.weights import RANDOM, UNTRAINED
-from polarocc.pipeline import paths
 from polarocc.scoring.maps import chunk_images
 from polarocc.training.statistics import STREAM_BLOCK_BYTES
 
@@ -201,7 +201,7 @@ def category_counts(params: Params, dataset: str) -> tuple[dict[str, tuple[int, 
     files (MVTec layout), or, for the embedded dataset before ``prepare`` wrote it, its ``embedded_data`` params."""
     from polarocc.data.mvtec import read_split
 
-    root = paths.dataset_root(params, dataset)
+    root = layout.dataset_root(params, dataset)
     generated = _is_generated(params, root)
     t = params.embedded_data
     counts, sources = {}, set()
@@ -243,13 +243,13 @@ def _projector_bytes(channels: int, itemsize: int = 4) -> int:
 def plan_datasets(params: Params, shape: BackboneShape) -> list[DatasetPlan]:
     """Counts and bytes of every Protocol B and Protocol A dataset."""
     variants = len(params.sweep.distributions) * len(params.sweep.norms)
-    layout = protocol_b_layout(params, shape)
+    store_layout = protocol_b_layout(params, shape)
     plans = []
     for name in params.datasets:
         counts, source = category_counts(params, name)
         total = StoreBytes()
         for train, good, defective in counts.values():
-            total += store_bytes(layout, train, good + defective)
+            total += store_bytes(store_layout, train, good + defective)
         per_category = variants + 1 + (name in params.protocol_c.datasets)  # sweep, export, online
         plans.append(DatasetPlan(
             name, "B", source, len(counts), sum(c[0] for c in counts.values()),
@@ -317,7 +317,7 @@ def total_memory() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def extract_memory(params: Params, shape: BackboneShape, layout: StoreLayout) -> int:
+def extract_memory(params: Params, shape: BackboneShape, store_layout: StoreLayout) -> int:
     """Peak of ``extract``: parameters; per forward lane (two on a CPU with two or more cores, else one) a batch's
     activations; the shards in the lanes and the one being written, in the store's dtype; one image's float64
     features and the shard's statistics (Gram matrices when stored); the decoded images of the shards ahead. Per
@@ -330,7 +330,7 @@ def extract_memory(params: Params, shape: BackboneShape, layout: StoreLayout) ->
     process = (shape.parameter_bytes + lanes * min(e.batch_size, shard) * shape.activation_bytes_per_image
                + (lanes + 1) * shard * feature_bytes_per_image(c, h, w, e.dtype)
                + c * h * w * (GRAM_ITEMSIZE + 4)
-               + shard * (c * c + c if layout.stored_statistics else c) * GRAM_ITEMSIZE
+               + shard * (c * c + c if store_layout.stored_statistics else c) * GRAM_ITEMSIZE
                + (lanes + 1) * shard * b.crop * b.crop * 3)
     if shape.pooled_parameter_bytes is not None:  # extract_a: the whole classifier, smaller images
         scale = (params.protocol_a.crop / b.crop) ** 2
@@ -340,7 +340,7 @@ def extract_memory(params: Params, shape: BackboneShape, layout: StoreLayout) ->
     return est["base_process_bytes"] * (1 + (workers if e.scheduler == "local" else 0)) + workers * process
 
 
-def train_memory(params: Params, shape: BackboneShape, layout: StoreLayout, max_train: int,
+def train_memory(params: Params, shape: BackboneShape, store_layout: StoreLayout, max_train: int,
                  a_images: int = 0) -> int:
     """Peak of ``train`` (Gram trainer, one category at a time; categories too small for threads train side by
     side, each within an equal share of ``train.stats_memory_mb``, so the bound holds): the statistics source
@@ -355,7 +355,7 @@ def train_memory(params: Params, shape: BackboneShape, layout: StoreLayout, max_
     def lockstep(channels: int, size: int = itemsize) -> int:
         return variants * est["adam_copies"] * (channels * channels + channels) * size
 
-    if layout.stored_statistics:
+    if store_layout.stored_statistics:
         every = max_train * c * c * GRAM_ITEMSIZE
         stats = every if every <= t.stats_memory_mb * MIB else 2 * t.batch_size * c * c * GRAM_ITEMSIZE
         stats += max_train * c * GRAM_ITEMSIZE
@@ -395,19 +395,19 @@ def make_plan(params: Params, shape: BackboneShape | None = None) -> RunPlan:
     """The plan of a whole ``dvc repro`` with these params (``shape``: a measured backbone, else measured now)."""
     check_datasets_exist(params)
     shape = shape or measure_backbone(params)
-    layout = protocol_b_layout(params, shape)
+    store_layout = protocol_b_layout(params, shape)
     datasets = plan_datasets(params, shape)
     stores = StoreBytes()
     for d in datasets:
         stores += d.bytes
     models = sum(d.model_bytes for d in datasets)
-    target = params.root / paths.FEATURES
+    target = params.root / layout.FEATURES
     checked, free = free_bytes(target)
     link, types, note = dvc_cache_link(params.root, checked)
     cache = 0 if link in (*LINK_TYPES, NO_PROJECT) else stores.total + models
     needed = stores.total + models + cache
     existing = sum(folder_bytes(p) for p in target.iterdir() if p.is_dir()) if target.is_dir() else 0
-    disk = {"target": str(paths.FEATURES), "checked": str(checked), "free": free, "needed": needed,
+    disk = {"target": str(layout.FEATURES), "checked": str(checked), "free": free, "needed": needed,
             "existing_features": existing, "fits": needed <= free}
     b_sets = [d for d in datasets if d.protocol == "B"]
     a_sets = [d for d in datasets if d.protocol == "A"]
@@ -415,8 +415,8 @@ def make_plan(params: Params, shape: BackboneShape | None = None) -> RunPlan:
     max_test = max(d.max_test for d in b_sets)
     a_images = max((d.train + d.test for d in a_sets), default=0)
     total = total_memory()
-    memory = {"total": total, "extract": extract_memory(params, shape, layout),
-              "train": train_memory(params, shape, layout, max_train, a_images),
+    memory = {"total": total, "extract": extract_memory(params, shape, store_layout),
+              "train": train_memory(params, shape, store_layout, max_train, a_images),
               "score": score_memory(params, shape, max_test)}
     memory["fits"] = max(memory["extract"], memory["train"], memory["score"]) <= total
     notes = [note] if note else []
@@ -424,8 +424,8 @@ def make_plan(params: Params, shape: BackboneShape | None = None) -> RunPlan:
         notes.append("backbone.weights is 'random': features are not pretrained (benchmark only; results are not "
                      "anomaly detection)")
     if existing:
-        notes.append(f"{human_bytes(existing)} of features already under {paths.FEATURES} are not counted as free")
-    return RunPlan(shape, STORED if layout.stored_statistics else "streamed", datasets, stores, models,
+        notes.append(f"{human_bytes(existing)} of features already under {layout.FEATURES} are not counted as free")
+    return RunPlan(shape, STORED if store_layout.stored_statistics else "streamed", datasets, stores, models,
                    {"link": link, "types": types, "bytes": cache}, disk, memory, notes)
 
 

@@ -104,14 +104,14 @@ def test_md_table() -> None:
 
 
 def test_tsne_sample_reads_the_chosen_positions_shard_by_shard(extracted_project) -> None:
+    from polarocc import layout
     from polarocc.analysis.polar import store_position_labels
     from polarocc.config import load_params
     from polarocc.features.store import FeatureStore
-    from polarocc.pipeline import paths
     from polarocc.pipeline.analyze import _tsne_sample
 
     params = load_params(extracted_project / "params.yaml")
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     vectors, anomalous = _tsne_sample(store, 40, seed=3)
     whole = torch.from_numpy(store.features("test")[:].astype(np.float32))  # several shards of 4 images
     flat = whole.permute(0, 2, 3, 1).reshape(-1, whole.shape[1]).numpy()

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 import torch
 
+from polarocc import layout
 from polarocc.config import load_params
 from polarocc.data.images import Geometry, load_image
 from polarocc.deploy.artefact import load_artefact, save_artefact
@@ -21,7 +22,6 @@ from polarocc.deploy.predict import choose_threshold, predict
 from polarocc.deploy.stream import OnlineLearner, StreamSettings, cold_start_artefact, run_stream
 from polarocc.errors import ConfigError, DataError, ModelError
 from polarocc.features.store import FeatureStore
-from polarocc.pipeline import paths
 from polarocc.pipeline.export import export_variant
 from polarocc.pipeline.online import run_online
 from polarocc.pipeline.score import score_store
@@ -43,7 +43,7 @@ def trained(extracted_project: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def model_path(trained: Path) -> Path:
-    return paths.online_model(load_params(trained / "params.yaml"), "mine", "brick")
+    return layout.online_model(load_params(trained / "params.yaml"), "mine", "brick")
 
 
 def _test_images(mvtec_tree: Path) -> list[Path]:
@@ -61,7 +61,7 @@ def test_model_file_describes_itself_and_scores_like_the_pipeline(trained: Path,
 
     # Scoring the training images from their files reproduces the normal scores saved from the cache.
     params = load_params(trained / "params.yaml")
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     images = np.stack([load_image(s.path, Geometry(72, 64)) for s in store.samples("train")])
     _, scores = Detector(model, extractor=lite0).score(images)
     np.testing.assert_allclose(scores, model.normal_scores, rtol=2e-2)  # cache is float16
@@ -73,7 +73,7 @@ def test_export_any_trained_variant(trained: Path, tmp_path: Path) -> None:
     model = load_artefact(out)
     assert model.provenance == {**model.provenance, "protocol": "B", "distribution": "ones", "norm": 1.0}
     assert model.train["epochs"] == 3 and len(model.train["history"]["loss"]) == 3
-    store = FeatureStore(paths.feature_store(params, "mine", "gravel"))
+    store = FeatureStore(layout.feature_store(params, "mine", "gravel"))
     [normal] = score_store(store, [(model.build_projector(), model.center)], params.score, split="train")
     assert model.normal_scores == pytest.approx(normal.tolist())
     with pytest.raises(FileNotFoundError, match="run the train stage"):

@@ -16,8 +16,8 @@ import torch
 import yaml
 import zarr
 
+from polarocc import layout
 from polarocc.config import load_params
-from polarocc.pipeline import paths
 from polarocc.pipeline.extract import run_extract
 from tests.conftest import ROOT
 
@@ -57,11 +57,11 @@ def test_two_worker_local_cluster_writes_the_in_process_store(extracted_project:
     if statistics == "stored":
         reference = load_params(_project(extracted_project, tmp_path / "inprocess", statistics) / "params.yaml")
         run_extract(reference, "mine", progress=False)
-        assert "train/gram" in zarr.open_group(paths.feature_store(params, "mine", "brick"), mode="r")
+        assert "train/gram" in zarr.open_group(layout.feature_store(params, "mine", "brick"), mode="r")
     for category in ("brick", "gravel"):
         assert computed[category] == {"train": 2, "test": 2}  # 6 and 7 images in shards of 4
-        _assert_same_store(paths.feature_store(reference, "mine", category),
-                           paths.feature_store(params, "mine", category))
+        _assert_same_store(layout.feature_store(reference, "mine", category),
+                           layout.feature_store(params, "mine", category))
 
 
 def test_sigkill_mid_extraction_then_rerun_gives_the_uninterrupted_store(extracted_project: Path,
@@ -101,8 +101,8 @@ def test_sigkill_mid_extraction_then_rerun_gives_the_uninterrupted_store(extract
     assert computed["brick"]["train"] <= 6 - done and computed["gravel"] == {"train": 6, "test": 7}
     params_whole, params_killed = load_params(whole / "params.yaml"), load_params(killed / "params.yaml")
     for category in ("brick", "gravel"):
-        _assert_same_store(paths.feature_store(params_whole, "mine", category),
-                           paths.feature_store(params_killed, "mine", category))
+        _assert_same_store(layout.feature_store(params_whole, "mine", category),
+                           layout.feature_store(params_killed, "mine", category))
 
 
 def _fashion_mnist_tree(root: Path, train: int = 100, test: int = 40) -> Path:
@@ -130,7 +130,7 @@ def test_protocol_a_on_a_two_worker_cluster_equals_in_process(params_dict: dict,
         params = parse_params(raw, tmp_path / scheduler)
         computed = run_extract_a(params, "fm", progress=False)
         assert computed == {"train": 2, "test": 1}  # 100 and 40 images in shards of 64
-        stores[scheduler] = paths.feature_store(params, "fm", STORE_NAME)
+        stores[scheduler] = layout.feature_store(params, "fm", STORE_NAME)
     a, b = (zarr.open_group(stores[s], mode="r") for s in ("inprocess", "local"))
     assert a.attrs["fingerprint"] == b.attrs["fingerprint"] and b.attrs["complete"]
     for name in ("train/features", "test/features"):

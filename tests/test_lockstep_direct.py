@@ -269,7 +269,7 @@ def test_score_all_classes_side_by_side_equal_in_turn(default_params: dict, monk
     for distribution, _, name, _, projector, center, _ in protocol_a.fit_all(params, 2.0):
         models[(distribution, name)] = (projector, center, {})
 
-    files = {protocol_a.paths.model_file(params, 2.0, d, "digits", name): (d, name) for d, name in models}
+    files = {protocol_a.layout.model_file(params, 2.0, d, "digits", name): (d, name) for d, name in models}
 
     def load_model(path, store):
         assert store == "store"

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from polarocc import layout
 from polarocc.config import load_params
 from polarocc.data.images import Geometry
 from polarocc.errors import NumericalError
 from polarocc.features import store as fs
 from polarocc.features.extract import CategoryExtractor, extract_category, read_category
 from polarocc.features.store import FeatureStore
-from polarocc.pipeline import paths
 from polarocc.pipeline.train import fit_store
 
 
@@ -54,7 +54,7 @@ def test_diverging_training_names_the_variant(extracted_project: Path, tmp_path:
     project = tmp_path / "project"
     shutil.copytree(extracted_project, project)
     params = load_params(project / "params.yaml")
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     with pytest.raises(NumericalError, match=r"brick\.zarr with the ones center of norm 1e\+200: training loss "
                                              r"became inf at epoch 1"):
         fit_store(store, params, 1e200, ("ones",))
@@ -72,7 +72,7 @@ def test_gram_statistics_read_from_disk_train_the_same_bits(extracted_project: P
     params = load_params(project / "params.yaml")
     params = replace(params, train=replace(params.train, statistics="stored"))
     run_extract(params, "mine", progress=False)
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     gram, _ = store.gram_stats(memory_bytes=2 ** 20)  # 6 x 176 x 176 float64 = 1.5 MB: stays on disk
     assert not isinstance(gram, np.ndarray)
     np.testing.assert_allclose(store.gram_total(), store.gram_stats()[0].sum(0), rtol=1e-12)

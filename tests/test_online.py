@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
+from polarocc import layout
 from polarocc.config import load_params
 from polarocc.deploy.artefact import load_artefact
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
 from polarocc.pipeline.online import checkpoints, online_config, run_category, run_online
 from polarocc.pipeline.score import score_store
 from polarocc.scoring.maps import score_batch
@@ -38,7 +38,7 @@ def test_online_config_is_batch_one_single_pass(project_copy: Path) -> None:
 
 def test_curve_does_not_change_the_model_and_ends_at_the_final_scores(project_copy: Path) -> None:
     params = load_params(project_copy / "params.yaml")
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     metrics, (projector, center, history) = run_category(store, params)
     assert [p["seen"] for p in metrics["curve"]] == [1, 2, 4, 6] and history.steps == 6
 
@@ -68,14 +68,14 @@ def test_run_online_writes_models_curve_and_plot(project_copy: Path) -> None:
     params = load_params(project_copy / "params.yaml")
     results = run_online(params, "mine", progress=False)
     assert set(results) == {"brick", "gravel"} and all(m["protocol"] == "C" for m in results.values())
-    curve = pl.read_csv(paths.learning_curve_csv(params, "mine"), schema_overrides={"category": pl.String})
+    curve = pl.read_csv(layout.learning_curve_csv(params, "mine"), schema_overrides={"category": pl.String})
     assert set(curve["category"]) == {"brick", "gravel", "mean"}
     mean6 = curve.filter((pl.col("category") == "mean") & (pl.col("seen") == 6))["image_auroc"].item()
     assert mean6 == pytest.approx(np.mean([results[c]["image_auroc"] for c in ("brick", "gravel")]))
-    dvc_curve = pl.read_csv(paths.mean_learning_curve_csv(params, "mine"))
+    dvc_curve = pl.read_csv(layout.mean_learning_curve_csv(params, "mine"))
     assert dvc_curve.columns == ["seen", "image_auroc", "pixel_auroc"] and dvc_curve["seen"].to_list() == [1, 2, 4, 6]
-    assert paths.learning_curve_plot(params, "mine").stat().st_size > 10_000
-    model = load_artefact(paths.online_model(params, "mine", "brick"))
+    assert layout.learning_curve_plot(params, "mine").stat().st_size > 10_000
+    model = load_artefact(layout.online_model(params, "mine", "brick"))
     assert model.provenance["protocol"] == "C" and model.train["batch_size"] == 1 and model.train["epochs"] == 1
     assert len(model.normal_scores) == 6 and model.threshold.value == max(model.normal_scores)  # quantile 0.99 of 6
 

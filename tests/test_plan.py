@@ -12,11 +12,11 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+from polarocc import layout
 from polarocc.cli import app
 from polarocc.config import load_params
 from polarocc.errors import DataError
 from polarocc.features.budget import folder_bytes, human_bytes, statistics_bytes_per_image
-from polarocc.pipeline import paths
 from polarocc.planning import dvc_cache_link, make_plan, measure_backbone
 from tests.conftest import write_params
 
@@ -51,11 +51,11 @@ def test_plan_bytes_match_the_extracted_stores(extracted_project: Path) -> None:
     # TINY_SPEC: 6 train, 3 good and 1 per defect type (4 types) per category, 2 categories, read from the files
     assert (mine.source, mine.categories, mine.train, mine.test, mine.test_good, mine.test_defective) == \
         ("files", 2, 12, 14, 6, 8)
-    arrays = [_array_bytes(paths.feature_store(params, "mine", c)) for c in ("brick", "gravel")]
+    arrays = [_array_bytes(layout.feature_store(params, "mine", c)) for c in ("brick", "gravel")]
     assert mine.bytes.features == sum(a["features"] for a in arrays)
     assert mine.bytes.statistics == sum(a.get("gram", 0) + a["sums"] for a in arrays)
     assert mine.bytes.masks == sum(a["masks"] for a in arrays)
-    on_disk = sum(folder_bytes(paths.feature_store(params, "mine", c)) for c in ("brick", "gravel"))
+    on_disk = sum(folder_bytes(layout.feature_store(params, "mine", c)) for c in ("brick", "gravel"))
     assert 0.5 * mine.bytes.features < on_disk < mine.bytes.total * 1.1 + 200_000  # float16 barely compresses
     assert plan.backbone.channels == 176 and (plan.backbone.height, plan.backbone.width) == (16, 16)
     assert plan.dvc_cache["bytes"] == 0  # the tmp project is no DVC project
@@ -92,7 +92,7 @@ def test_stored_store_matches_and_extraction_checks_the_disk(params_dict: dict, 
     with pytest.raises(DataError, match=rf"extracting datasets\.mine needs {needed} at data/features/mine but only "
                                         r"1\.0 kB is free.*train\.statistics"):
         run_extract(params, "mine", progress=False, check_files=False)
-    store, partial = paths.feature_store(params, "mine", "brick"), paths.partial_store(params, "mine", "brick")
+    store, partial = layout.feature_store(params, "mine", "brick"), layout.partial_store(params, "mine", "brick")
     assert not store.exists() and not partial.exists()
     monkeypatch.setattr(shutil, "disk_usage", real)
     run_extract(params, "mine", progress=False, check_files=False)

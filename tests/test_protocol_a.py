@@ -11,9 +11,9 @@ import torch
 
 from polarocc.config import parse_params
 from polarocc.errors import ConfigError
+from polarocc.layout import file_stem
 from polarocc.models.backbone import build_pooled_extractor
 from polarocc.models.projector import Projector
-from polarocc.pipeline.paths import file_stem
 from polarocc.pipeline.protocol_a import fit_class, score_class
 
 
@@ -73,8 +73,8 @@ def test_protocol_a_params(default_params: dict, tmp_path: Path) -> None:
 
 
 def test_mvtec_image_level_end_to_end(params_dict: dict, mvtec_tree: Path, tmp_path: Path) -> None:
+    from polarocc import layout
     from polarocc.config import load_params
-    from polarocc.pipeline import paths
     from polarocc.pipeline.protocol_a import fit_all, run_extract_a, score_all
     from polarocc.pipeline.train import load_model, save_model
     from tests.conftest import write_params
@@ -86,7 +86,7 @@ def test_mvtec_image_level_end_to_end(params_dict: dict, mvtec_tree: Path, tmp_p
     computed = run_extract_a(params, "mv", progress=False)
     assert computed == {"train": 1, "test": 1}  # 12 train and 14 test images fit one 64-image shard
     for distribution, dataset, name, store, projector, center, _ in fit_all(params, 1.0):
-        save_model(paths.model_file(params, 1.0, distribution, dataset, name), projector, center,
+        save_model(layout.model_file(params, 1.0, distribution, dataset, name), projector, center,
                    {"store_fingerprint": store.attrs["fingerprint"]})
     results = score_all(params, 1.0, load_model)["normal"]["mv"]
     assert set(results) == {"brick", "gravel"}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from polarocc import layout
 from polarocc.analysis.polar import PolarAccumulator
 from polarocc.config import load_params
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
 from polarocc.pipeline import score as score_module
 from polarocc.pipeline import train as train_module
 from polarocc.pipeline.score import pixel_accumulators, score_store
@@ -32,7 +32,7 @@ def test_chunk_images_fits_the_chunk_budget() -> None:
 def test_scoring_a_few_images_at_a_time_equals_scoring_whole_shards(project_copy: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     params = load_params(project_copy / "params.yaml")
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     torch.manual_seed(0)
     channels = store.channels
     projector = Projector(channels, "conv1x1", True, seed=3)
@@ -88,10 +88,10 @@ def test_categories_trained_side_by_side_equal_those_trained_in_turn(project_cop
     run_train(params, 2.0, progress=False)
     assert used[0] == 2 and torch.get_num_threads() == threads  # side by side, and the setting is restored
     for category in params.datasets["mine"].categories:
-        store = FeatureStore(paths.feature_store(params, "mine", category))
+        store = FeatureStore(layout.feature_store(params, "mine", category))
         alone = fit_store(store, params, 2.0, params.sweep.distributions)
         for distribution, (projector, center, _) in alone.items():
-            saved, saved_center, _ = load_model(paths.model_file(params, 2.0, distribution, "mine", category), store)
+            saved, saved_center, _ = load_model(layout.model_file(params, 2.0, distribution, "mine", category), store)
             assert torch.equal(saved.weight, projector.weight.detach().float())
             assert torch.equal(saved.bias, projector.bias.detach().float())
             assert torch.equal(saved_center, center)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from polarocc import layout
 from polarocc.config import Params, TrainConfig, load_params
 from polarocc.errors import MissingOutputError
 from polarocc.features.budget import (
@@ -23,7 +24,6 @@ from polarocc.features.extract import gram_and_sums
 from polarocc.features.store import FeatureStore, read_rows
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
 from polarocc.pipeline.extract import run_extract
 from polarocc.pipeline.train import fit_store
 from polarocc.training.gram import train_gram, train_lockstep
@@ -48,8 +48,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_stored_streamed_and_direct_give_the_same_weights(extracted_project: Path, tmp_path: Path) -> None:
     stored_params = _project(extracted_project, tmp_path, STORED)
     streamed_params = _project(extracted_project, tmp_path, STREAMED)
-    stored_store = FeatureStore(paths.feature_store(stored_params, "mine", "brick"))
-    streamed_store = FeatureStore(paths.feature_store(streamed_params, "mine", "brick"))
+    stored_store = FeatureStore(layout.feature_store(stored_params, "mine", "brick"))
+    streamed_store = FeatureStore(layout.feature_store(streamed_params, "mine", "brick"))
     assert stored_store.has_stored_statistics and not streamed_store.has_stored_statistics
     np.testing.assert_array_equal(stored_store.features("train")[:], streamed_store.features("train")[:])
 
@@ -74,7 +74,7 @@ def test_stored_streamed_and_direct_give_the_same_weights(extracted_project: Pat
 def test_stored_statistics_requested_of_a_streamed_store_is_a_clear_error(extracted_project: Path,
                                                                           tmp_path: Path) -> None:
     params = _project(extracted_project, tmp_path, STREAMED)
-    store = FeatureStore(paths.feature_store(params, "mine", "brick"))
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     stored = replace(params, train=replace(params.train, statistics=STORED))
     with pytest.raises(MissingOutputError, match=r"train.statistics is 'stored' but .*brick.zarr was extracted "
                                                  r"without per-image statistics"):

@@ -6,7 +6,7 @@ import glob
 from pathlib import Path
 
 from polarocc.errors import DataError
-from polarocc.pipeline.paths import file_stem
+from polarocc.layout import file_stem
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 

@@ -33,10 +33,9 @@ from polarocc.deploy.artefact import ModelArtefact, Threshold, save_artefact, sc
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.threshold import quantile_threshold, stream_quantile_threshold
 from polarocc.errors import ConfigError, DataError, ModelError, UnsafePathError
-from polarocc.models.backbone import FeatureExtractor, build_extractor
+from polarocc.models.backbone import FeatureExtractor, backbone_record, build_extractor
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline.extract import backbone_record
 from polarocc.safe_load import torch_load_plain
 from polarocc.training.direct import hinge_loss
 from polarocc.training.optim import Adam

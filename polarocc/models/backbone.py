@@ -11,8 +11,9 @@ are taken from them, so a file for another architecture fails with the keys that
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from polarocc.models.weights import (
     warn_not_pretrained,
     weights_path,
 )
+
+if TYPE_CHECKING:
+    from polarocc.config import BackboneConfig
 
 
 class MultiScaleAggregator(nn.Module):
@@ -69,6 +73,12 @@ class FeatureSpec:
     width: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+
+def backbone_record(b: BackboneConfig, spec: FeatureSpec) -> dict:
+    """How a store's (or a model's) features were made (the ``backbone`` params), with the normalisation the
+    extractor actually applies."""
+    return {**asdict(b), "layers": list(b.layers), "mean": list(spec.mean), "std": list(spec.std)}
 
 
 class FeatureExtractor(nn.Module):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
+from polarocc import layout
 from polarocc.atomic import write_csv, write_json
 from polarocc.config import Params
-from polarocc.pipeline import paths
 from polarocc.reports.plots import norm_sweep_plot
 from polarocc.reports.tables import METRICS, OURS, headline_metrics, results_table, sweep_means
 
@@ -22,7 +22,7 @@ SERIES_COLUMNS = ["dataset", "distribution", "norm", "log2_norm", *METRICS, "cat
 def norm_sweep_series(means: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """The sweep means split per dataset (file stem -> table), sorted by distribution and norm."""
     means = means.with_columns(pl.col("norm").log(2).alias("log2_norm"))
-    return {paths.file_stem(dataset): means.filter(pl.col("dataset") == dataset)
+    return {layout.file_stem(dataset): means.filter(pl.col("dataset") == dataset)
             .select(SERIES_COLUMNS).sort(["distribution", "norm"])
             for dataset in means["dataset"].unique(maintain_order=True).to_list()}
 
@@ -44,7 +44,7 @@ def write_norm_sweep_series(means: pl.DataFrame, folder: Path) -> list[Path]:
 
 def run_aggregate(params: Params) -> dict:
     """Write reports/results.csv, metrics.json, norm_sweep.csv, norm_sweep/<dataset>.csv and plots/norm_sweep.png."""
-    out = paths.reports(params)
+    out = layout.reports(params)
     table = results_table(params)
     write_csv(out / "results.csv", table)
     # The sweep: the trained projector's Protocol A and B rows (Protocol C and the peers have no sweep).

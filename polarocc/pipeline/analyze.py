@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc import layout
 from polarocc.analysis.cosine import store_cosines, vector_cosines
 from polarocc.analysis.polar import ANOMALOUS, NORMAL, store_position_labels
 from polarocc.atomic import write_json
@@ -23,7 +24,7 @@ from polarocc.data.images import Geometry, load_image
 from polarocc.deploy.artefact import load_artefact
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline import protocol_a
 from polarocc.pipeline.online import LearningCurve
 from polarocc.pipeline.train import fit_store, load_model
 from polarocc.reports.figures import overlay_grid, tsne_plot
@@ -64,7 +65,7 @@ class _EpochScorer:
 def budget_classes(params: Params, dataset: str, bias: bool) -> dict[str, list[dict]]:
     """The same for every class of a Protocol A dataset (image AUROC only)."""
     ds = params.protocol_a.datasets[dataset]
-    store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+    store = FeatureStore(layout.feature_store(params, dataset, protocol_a.STORE_NAME))
     train, train_labels, _ = protocol_a.load_split(store, "train")
     test, test_labels, defective = protocol_a.load_split(store, "test")
     within = defective if ds.format == "mvtec" else None
@@ -109,11 +110,11 @@ def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray
     seed = params.center.seed
     if dataset in params.datasets:
         category = params.datasets[dataset].categories[0]
-        store = FeatureStore(paths.feature_store(params, dataset, category))
+        store = FeatureStore(layout.feature_store(params, dataset, category))
         features, anomalous = _tsne_sample(store, params.analysis.tsne_points, seed)
         title = f"{dataset}/{category}: test feature positions"
     else:
-        store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+        store = FeatureStore(layout.feature_store(params, dataset, protocol_a.STORE_NAME))
         test, test_labels, _ = protocol_a.load_split(store, "test")
         category, label = protocol_a.chosen_classes(store, params.protocol_a.datasets[dataset])[0]
         rng = np.random.default_rng(seed)
@@ -122,7 +123,7 @@ def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray
         title = f"{dataset}: class {category} normal, the other classes anomalous"
     projected = {}
     for distribution in params.sweep.distributions:
-        projector, center, _ = load_model(paths.model_file(params, params.center.norm, distribution, dataset,
+        projector, center, _ = load_model(layout.model_file(params, params.center.norm, distribution, dataset,
                                                            category), store)
         z, _ = project(projector, center, features.float())
         projected[distribution] = z.flatten(1).numpy()
@@ -132,8 +133,8 @@ def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray
 def overlays(params: Params, dataset: str, category: str) -> None:
     """Overlays of the default model on a fixed selection: the first image of each defect type (sorted),
     then the first good image, ``analysis.overlays_per_category`` in all."""
-    store = FeatureStore(paths.feature_store(params, dataset, category))
-    artefact = load_artefact(paths.deploy_model(params, dataset, category))
+    store = FeatureStore(layout.feature_store(params, dataset, category))
+    artefact = load_artefact(layout.deploy_model(params, dataset, category))
     samples = store.samples("test")
     firsts: dict[str, int] = {}
     for i, s in enumerate(samples):
@@ -149,7 +150,7 @@ def overlays(params: Params, dataset: str, category: str) -> None:
     images = [load_image(samples[i].path, geometry) for i in picks]
     titles = [f"{samples[i].defect_type}/{samples[i].path.name}" for i in picks]
     overlay_grid(images, list(maps.float().numpy()), [float(v) for v in scores], artefact.threshold.value, titles,
-                 paths.overlay_plot(params, dataset, category))
+                 layout.overlay_plot(params, dataset, category))
 
 
 def run_analyze(params: Params, progress: bool = True) -> dict:
@@ -160,13 +161,13 @@ def run_analyze(params: Params, progress: bool = True) -> dict:
     budget: dict[str, dict] = {}
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     for dataset, category in tqdm(jobs, desc="analyze", unit="category", disable=not progress):
-        store = FeatureStore(paths.feature_store(params, dataset, category))
+        store = FeatureStore(layout.feature_store(params, dataset, category))
         cosines.setdefault(dataset, {})[category] = store_cosines(store, seed)
         budget.setdefault(dataset, {})[category] = {"bias": budget_category(store, params, True),
                                                     "no_bias": budget_category(store, params, False)}
         overlays(params, dataset, category)
     for dataset, ds in params.protocol_a.datasets.items():
-        store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+        store = FeatureStore(layout.feature_store(params, dataset, protocol_a.STORE_NAME))
         train, train_labels, _ = protocol_a.load_split(store, "train")
         test, test_labels, defective = protocol_a.load_split(store, "test")
         for name, label in protocol_a.chosen_classes(store, ds):
@@ -177,8 +178,8 @@ def run_analyze(params: Params, progress: bool = True) -> dict:
         budget[dataset] = {name: {"bias": with_bias[name], "no_bias": without[name]} for name in with_bias}
     for dataset in [*params.datasets, *params.protocol_a.datasets]:
         title, projected, anomalous = tsne_inputs(params, dataset)
-        tsne_plot(projected, anomalous, title, seed, paths.tsne_plot(params, dataset))
-    out = paths.analysis_dir(params)
+        tsne_plot(projected, anomalous, title, seed, layout.tsne_plot(params, dataset))
+    out = layout.analysis_dir(params)
     write_json(out / "cosines.json", cosines)
     write_json(out / "budget.json", budget)
     return {"cosines": cosines, "budget": budget}

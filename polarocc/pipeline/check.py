@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import warnings
 
+from polarocc import layout
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist
 from polarocc.errors import ConfigError, DataError
 from polarocc.features.extract import read_category
-from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline import protocol_a
 
 
 def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
@@ -23,7 +24,7 @@ def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
     if dataset not in params.datasets:
         raise ConfigError(f"dataset {dataset!r} is declared neither under 'datasets' nor 'protocol_a.datasets'")
     check_datasets_exist(params)
-    root = paths.dataset_root(params, dataset)
+    root = layout.dataset_root(params, dataset)
     summary: dict[str, dict] = {}
     for category in params.datasets[dataset].categories:
         with warnings.catch_warnings(record=True) as caught:
@@ -47,5 +48,5 @@ def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
 
 
 def _write(params: Params, dataset: str, summary: dict) -> dict:
-    write_json(paths.reports(params) / "checks" / f"{dataset}.json", summary, newline=True)
+    write_json(layout.reports(params) / "checks" / f"{dataset}.json", summary, newline=True)
     return summary

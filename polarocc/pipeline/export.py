@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from polarocc import layout
 from polarocc.config import Params, validate_norm
 from polarocc.deploy.artefact import ModelArtefact, check_model_target, save_artefact, score_settings
 from polarocc.deploy.threshold import quantile_threshold
@@ -15,7 +16,6 @@ from polarocc.device import pick_device
 from polarocc.errors import ConfigError, ModelError
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
 from polarocc.pipeline.score import score_store
 from polarocc.pipeline.train import load_model
 
@@ -48,15 +48,15 @@ def export_variant(params: Params, norm: float, distribution: str, dataset: str,
     if distribution not in params.sweep.distributions or norm not in [float(n) for n in params.sweep.norms]:
         raise ConfigError(f"the {distribution} center of norm {norm:g} is not in the sweep (sweep.distributions, "
                           "sweep.norms): add it there and run `dvc repro`, then export")
-    check_model_target(out or paths.deploy_model(params, dataset, category))
-    store = FeatureStore(paths.feature_store(params, dataset, category))
-    path = paths.model_file(params, norm, distribution, dataset, category)
+    check_model_target(out or layout.deploy_model(params, dataset, category))
+    store = FeatureStore(layout.feature_store(params, dataset, category))
+    path = layout.model_file(params, norm, distribution, dataset, category)
     projector, center, meta = load_model(path, store)
     train = {**meta["train"], "history": meta["history"]}
     provenance = {"protocol": meta["protocol"], "dataset": dataset, "category": category,
                   "distribution": distribution, "norm": norm}
     artefact = build_artefact(projector, center, store, params, train, provenance, device)
-    return save_artefact(out or paths.deploy_model(params, dataset, category), artefact)
+    return save_artefact(out or layout.deploy_model(params, dataset, category), artefact)
 
 
 def run_export(params: Params, progress: bool = True) -> list[Path]:

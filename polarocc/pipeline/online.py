@@ -16,6 +16,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from polarocc import layout
 from polarocc.atomic import write_csv, write_json
 from polarocc.config import Params, ScoreConfig, TrainConfig
 from polarocc.deploy.artefact import save_artefact
@@ -23,7 +24,6 @@ from polarocc.device import pick_device
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
 from polarocc.pipeline.export import build_artefact
 from polarocc.pipeline.score import category_metrics, pixel_accumulators, score_store
 from polarocc.pipeline.train import fit_store
@@ -114,18 +114,18 @@ def run_online(params: Params, dataset: str, progress: bool = True) -> dict[str,
     results: dict[str, dict] = {}
     for category in tqdm(params.datasets[dataset].categories, desc=f"online {dataset}", unit="category",
                          disable=not progress):
-        store = FeatureStore(paths.feature_store(params, dataset, category))
+        store = FeatureStore(layout.feature_store(params, dataset, category))
         metrics, (projector, center, history) = run_category(store, params, device)
         results[category] = metrics
         provenance = {"protocol": "C", "dataset": dataset, "category": category,
                       "distribution": params.center.distribution, "norm": float(params.center.norm)}
         train = {**vars(online_config(params)), "history": history.to_dict()}
-        save_artefact(paths.online_model(params, dataset, category),
+        save_artefact(layout.online_model(params, dataset, category),
                       build_artefact(projector, center, store, params, train, provenance, device))
-    write_json(paths.online_report(params, dataset), {"dataset": dataset, "device": device, "results": results})
+    write_json(layout.online_report(params, dataset), {"dataset": dataset, "device": device, "results": results})
     table = curve_table(results, dataset)
-    write_csv(paths.learning_curve_csv(params, dataset), table)
-    write_csv(paths.mean_learning_curve_csv(params, dataset),
+    write_csv(layout.learning_curve_csv(params, dataset), table)
+    write_csv(layout.mean_learning_curve_csv(params, dataset),
               table.filter(pl.col("category") == "mean").select(["seen", "image_auroc", "pixel_auroc"]))
-    learning_curve_plot(table, paths.learning_curve_plot(params, dataset))
+    learning_curve_plot(table, layout.learning_curve_plot(params, dataset))
     return results

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc import layout
 from polarocc.atomic import write_json
 from polarocc.config import Params
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.peers.padim import PaDiM
 from polarocc.peers.patchcore import PatchCore
-from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline import protocol_a
 from polarocc.pipeline.score import category_metrics, pixel_accumulators
 from polarocc.scoring.maps import finish_maps, project
 
@@ -71,7 +72,7 @@ def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
 def peer_classes(params: Params, dataset: str, method: str) -> dict[str, dict]:
     """Metrics of one peer on every chosen class of a Protocol A dataset."""
     ds = params.protocol_a.datasets[dataset]
-    store = FeatureStore(paths.feature_store(params, dataset, protocol_a.STORE_NAME))
+    store = FeatureStore(layout.feature_store(params, dataset, protocol_a.STORE_NAME))
     train, train_labels, _ = protocol_a.load_split(store, "train")
     test, test_labels, defective = protocol_a.load_split(store, "test")
     out = {}
@@ -91,10 +92,10 @@ def run_peers(params: Params, progress: bool = True) -> dict:
     results: dict[str, dict] = {}
     jobs = [(m, d, c) for m in params.peers.methods for d, ds in params.datasets.items() for c in ds.categories]
     for method, dataset, category in tqdm(jobs, desc="peers", unit="category", disable=not progress):
-        store = FeatureStore(paths.feature_store(params, dataset, category))
+        store = FeatureStore(layout.feature_store(params, dataset, category))
         results.setdefault(method, {}).setdefault(dataset, {})[category] = peer_category(store, params, method)
     for method in params.peers.methods:
         for dataset in params.protocol_a.datasets:
             results.setdefault(method, {})[dataset] = peer_classes(params, dataset, method)
-    write_json(paths.peers_report(params), {"results": results})
+    write_json(layout.peers_report(params), {"results": results})
     return results

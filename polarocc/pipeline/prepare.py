@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from polarocc import layout
 from polarocc.config import Params
 from polarocc.data.textures import TextureSpec, make_textures
 from polarocc.ownership import replace_folder
-from polarocc.pipeline import paths
 
 
 def run_prepare(params: Params) -> dict[str, dict[str, int]]:
@@ -14,10 +14,10 @@ def run_prepare(params: Params) -> dict[str, dict[str, int]]:
     The folder must lie inside the project and be absent, empty or polarocc's own (see
     :func:`polarocc.ownership.replace_folder`); anything else is refused before anything is written.
     """
-    out = paths.embedded_output(params)
+    out = layout.embedded_output(params)
     t = params.embedded_data
     spec = TextureSpec(train=t.train, test_good=t.test_good, defects_per_type=t.defects_per_type,
                        defect_types=t.defect_types, crop=t.crop, image_size=t.image_size)
-    return replace_folder(out, paths.EMBEDDED_KEY, "prepare",
+    return replace_folder(out, layout.EMBEDDED_KEY, "prepare",
                           lambda staging: make_textures(staging, t.categories, spec, t.seed),
-                          paths.recorded_outputs(params.root, "prepare"))
+                          layout.recorded_outputs(params.root, "prepare"))

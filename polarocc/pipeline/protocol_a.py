@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polarocc import layout
 from polarocc.analysis.polar import ANOMALOUS, NORMAL, PolarAccumulator
 from polarocc.config import (
     ClassificationDatasetConfig,
@@ -40,7 +41,6 @@ from polarocc.features.store import FeatureStore
 from polarocc.models.backbone import build_pooled_extractor, check_model_name
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths
 from polarocc.scoring.maps import project
 from polarocc.training.direct import VariantLossDiverged, train_direct_lockstep
 from polarocc.training.schedule import TrainHistory
@@ -153,14 +153,15 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
     geometry = Geometry(a.resize, a.crop)
     extractor = build_pooled_extractor(b.name, b.weights, b.mean, b.std)
     spec = extractor.spec(a.crop)
-    layout = fs.StoreLayout(spec.channels, 1, 1, a.crop, "float32", max(e.shard_images, 64), e.compressor, e.level,
-                            image_level=True)
+    store_layout = fs.StoreLayout(spec.channels, 1, 1, a.crop, "float32", max(e.shard_images, 64), e.compressor,
+                                  e.level, image_level=True)
     in_memory = not isinstance(data.train.images, list)
     device = pick_device(e.device, "extract.device")
     backbone = {"name": b.name, "weights": b.weights, "pooled": True, "mean": list(spec.mean),
                 "std": list(spec.std), "classes": list(data.classes), "dataset_format": ds.format,
                 "data_digest": _digest(data)}
-    final, partial = paths.feature_store(params, dataset, STORE_NAME), paths.partial_store(params, dataset, STORE_NAME)
+    final = layout.feature_store(params, dataset, STORE_NAME)
+    partial = layout.partial_store(params, dataset, STORE_NAME)
     if e.scheduler != "inprocess":
         # Imported here: dask's import costs every stage that imports this module (train, score) a second or so.
         from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
@@ -168,11 +169,11 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
         worker = WorkerSpec(b.name, (), 0, b.weights, tuple(spec.mean), tuple(spec.std), a.resize, a.crop,
                             e.batch_size, "float32", device, pooled=True)
         with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
-            return extract_category_distributed(client, worker, samples, layout, backbone, final, partial, progress,
-                                                _raw_images(data) if in_memory else None)
+            return extract_category_distributed(client, worker, samples, store_layout, backbone, final, partial,
+                                                progress, _raw_images(data) if in_memory else None)
     runner = CategoryExtractor(extractor, geometry, e.batch_size, "float32", device,
                                loader=_array_loader(data, geometry) if in_memory else None)
-    return extract_category(runner, samples, layout, backbone, final, partial, progress)
+    return extract_category(runner, samples, store_layout, backbone, final, partial, progress)
 
 
 def load_split(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -306,7 +307,7 @@ def fit_all(params: Params, norm: float):
     distributions = tuple(params.sweep.distributions)
     cfg = train_config(params)
     for dataset, ds in params.protocol_a.datasets.items():
-        store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
+        store = FeatureStore(layout.feature_store(params, dataset, STORE_NAME))
         features, labels, _ = load_split(store, "train")
         classes = chosen_classes(store, ds)
         largest = max((int((labels == label).sum()) for _, label in classes), default=1)
@@ -331,7 +332,7 @@ def score_all(params: Params, norm: float, load_model) -> dict:
     """
     results: dict[str, dict] = {}
     for dataset, ds in params.protocol_a.datasets.items():
-        store = FeatureStore(paths.feature_store(params, dataset, STORE_NAME))
+        store = FeatureStore(layout.feature_store(params, dataset, STORE_NAME))
         features, labels, defective = load_split(store, "test")
         within = defective if ds.format == "mvtec" else None
         classes = chosen_classes(store, ds)
@@ -344,7 +345,7 @@ def score_all(params: Params, norm: float, load_model) -> dict:
             name, label = item
             scored = {}
             for distribution in params.sweep.distributions:
-                projector, center, _ = load_model(paths.model_file(params, norm, distribution, dataset, name), store)
+                projector, center, _ = load_model(layout.model_file(params, norm, distribution, dataset, name), store)
                 scored[distribution] = score_class(features, labels, label, projector, center, params.score.squared,
                                                    within)
             return scored

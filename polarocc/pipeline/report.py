@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
+from polarocc import layout
 from polarocc.atomic import write_csv, write_text
 from polarocc.config import Params
-from polarocc.pipeline import paths
 from polarocc.reports.analysis_tables import (
     budget_means,
     budget_table,
@@ -39,9 +39,9 @@ def write_curves(table: pl.DataFrame, folder: Path, x: str, columns: list[str]) 
 
 def run_report(params: Params) -> Path:
     """Write the analysis tables and plots and reports/report.md; returns the report's path."""
-    reports = paths.reports(params)
+    reports = layout.reports(params)
     plots = reports / "plots"
-    analysis = paths.analysis_dir(params)
+    analysis = layout.analysis_dir(params)
     results = read_results(reports / "results.csv")
     cosines = json.loads((analysis / "cosines.json").read_text())
 
@@ -82,7 +82,7 @@ def run_report(params: Params) -> Path:
     feasibility_shown = feasibility.select(
         "dataset", "category", "cosine_normal_anomalous", "cosine_normal_normal", "feasible_norms",
         "tolerated_norm", "label_free_norm", "label_free_in_feasible")
-    overlays = [paths.overlay_plot(params, d, c) for d, ds in params.datasets.items() for c in ds.categories]
+    overlays = [layout.overlay_plot(params, d, c) for d, ds in params.datasets.items() for c in ds.categories]
     sections = {
         SECTIONS[0]: ("Mean metrics per dataset at the default center "
                       f"({c.distribution}, norm {c.norm:g}), the online Protocol C, and the peers on the same "
@@ -117,12 +117,12 @@ def run_report(params: Params) -> Path:
         SECTIONS[7]: ("Protocol C (batch 1, one pass, cold start): final metrics per category and the test AUROC "
                       "after 1, 2, 4, ... images.",
                       md_table(online) + "\n\n" + "\n\n".join(
-                          _link(report, paths.learning_curve_plot(params, d), f"learning curve {d}")
+                          _link(report, layout.learning_curve_plot(params, d), f"learning curve {d}")
                           for d in params.protocol_c.datasets)),
         SECTIONS[8]: ("Anomaly-map overlays of a fixed selection of test images per category (default model, "
                       "its saved threshold), and t-SNE of projected features for each center distribution.",
                       "\n\n".join([_link(report, p, p.stem) for p in overlays]
-                                  + [_link(report, paths.tsne_plot(params, d), f"t-SNE {d}")
+                                  + [_link(report, layout.tsne_plot(params, d), f"t-SNE {d}")
                                      for d in [*params.datasets, *params.protocol_a.datasets]])),
     }
     text = ["# polarocc report", "",

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc import layout
 from polarocc.analysis.polar import PolarAccumulator, store_position_labels
 from polarocc.atomic import write_json
 from polarocc.config import Params, ScoreConfig, validate_norm
@@ -15,7 +16,7 @@ from polarocc.device import pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.memory import release_free_memory
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline import protocol_a
 from polarocc.pipeline.train import load_model
 from polarocc.scoring.maps import chunk_images, finish_maps, project
 from polarocc.scoring.metrics import f1_max, image_auroc
@@ -99,10 +100,10 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
     results: dict[str, dict] = {}
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     for dataset, category in tqdm(jobs, desc=f"score norm {norm:g}", unit="category", disable=not progress):
-        store = FeatureStore(paths.feature_store(params, dataset, category))
+        store = FeatureStore(layout.feature_store(params, dataset, category))
         models = []
         for distribution in params.sweep.distributions:
-            path = paths.model_file(params, norm, distribution, dataset, category)
+            path = layout.model_file(params, norm, distribution, dataset, category)
             projector, center, _ = load_model(path, store)
             models.append((projector, center))
         polar = [PolarAccumulator(center) for _, center in models]
@@ -117,5 +118,5 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
     for distribution, per_dataset in protocol_a.score_all(params, norm, load_model).items():
         for dataset, per_class in per_dataset.items():
             results.setdefault(distribution, {}).setdefault(dataset, {}).update(per_class)
-    write_json(paths.norm_scores(params, norm), {"norm": norm, "device": device, "results": results})
+    write_json(layout.norm_scores(params, norm), {"norm": norm, "device": device, "results": results})
     return results

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polarocc import layout
 from polarocc.atomic import torch_save_atomic, write_json
 from polarocc.config import Params, TrainConfig, validate_norm
 from polarocc.device import pick_device
@@ -20,7 +21,7 @@ from polarocc.errors import MissingOutputError, ModelError, NumericalError
 from polarocc.features.budget import STREAMED, resolve_statistics
 from polarocc.features.store import FeatureStore, read_rows
 from polarocc.models.projector import Projector
-from polarocc.pipeline import paths, protocol_a
+from polarocc.pipeline import protocol_a
 from polarocc.safe_load import torch_load_plain
 from polarocc.training.certify import certified_min_distance_sq
 from polarocc.training.direct import train_direct
@@ -203,7 +204,7 @@ def _save(params: Params, norm: float, protocol: str, distribution: str, dataset
             "category": category, "store_fingerprint": store.attrs["fingerprint"],
             "backbone": store.attrs["backbone"], "geometry": store.attrs["geometry"], "train": vars(train_cfg).copy(),
             "projector_config": vars(params.projector).copy(), "history": history.to_dict()}
-    save_model(paths.model_file(params, norm, distribution, dataset, category), projector,
+    save_model(layout.model_file(params, norm, distribution, dataset, category), projector,
                center, meta)
     histories.setdefault(distribution, {}).setdefault(dataset, {})[category] = history.to_dict()
 
@@ -214,7 +215,7 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     device = pick_device(params.train.device, "train.device")
     histories: dict[str, dict] = {}
     distributions = params.sweep.distributions
-    jobs = [(d, c, FeatureStore(paths.feature_store(params, d, c)))
+    jobs = [(d, c, FeatureStore(layout.feature_store(params, d, c)))
             for d, ds in params.datasets.items() for c in ds.categories]
     # Categories whose steps are too small for more than one thread train side by side, one per core (as
     # Protocol A's classes do); larger ones train in turn, each with every core and its own memory budget.
@@ -241,5 +242,5 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     for distribution, dataset, name, store, *fitted in protocol_a.fit_all(params, norm):
         _save(params, norm, "A", distribution, dataset, name, store, tuple(fitted),
               protocol_a.train_config(params), histories)
-    write_json(paths.model_dir(params, norm) / "history.json", histories)
+    write_json(layout.model_dir(params, norm) / "history.json", histories)
     return histories

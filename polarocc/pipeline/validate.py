@@ -8,12 +8,12 @@ holds no params, so a valid change reruns only the stages whose own params chang
 
 from __future__ import annotations
 
+from polarocc import layout
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
 from polarocc.data.textures import check_spec
 from polarocc.device import check_device, check_scheduler
 from polarocc.ownership import check_replaceable
-from polarocc.pipeline import paths
 
 
 def validate_backbone(params: Params) -> None:
@@ -35,8 +35,8 @@ def validate_environment(params: Params, backbone: bool = True) -> None:
     check_device(params.score.device, "score.device")
     check_device(params.train.device, "train.device")
     check_scheduler(params.extract.scheduler)
-    check_replaceable(paths.embedded_output(params), paths.EMBEDDED_KEY, "prepare",
-                      paths.recorded_outputs(params.root, "prepare"))
+    check_replaceable(layout.embedded_output(params), layout.EMBEDDED_KEY, "prepare",
+                      layout.recorded_outputs(params.root, "prepare"))
     check_datasets_exist(params)
     check_protocol_a_paths(params)
 
@@ -48,7 +48,7 @@ def run_validate_backbone(params: Params) -> dict:
     params change, as in a norm sweep; ``validate`` depends on its output and so runs after it."""
     validate_backbone(params)
     result = {"backbone": "valid"}
-    write_json(paths.backbone_check(params), result, newline=True)
+    write_json(layout.backbone_check(params), result, newline=True)
     return result
 
 
@@ -57,5 +57,5 @@ def run_validate(params: Params) -> dict:
     ``reports/params_check.json`` (constant content: it only orders the stages)."""
     validate_environment(params, backbone=False)
     result = {"params": "valid"}
-    write_json(paths.params_check(params), result, newline=True)
+    write_json(layout.params_check(params), result, newline=True)
     return result

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from polarocc import layout
 from polarocc.config import Params
-from polarocc.pipeline import paths
 from polarocc.reports.tables import OURS
 
 
@@ -76,7 +76,7 @@ def polar_table(params: Params) -> pl.DataFrame:
     """Polar diagnostics per dataset, distribution and norm (mean over categories)."""
     rows = []
     for norm in params.sweep.norms:
-        payload = json.loads(paths.norm_scores(params, norm).read_text())["results"]
+        payload = json.loads(layout.norm_scores(params, norm).read_text())["results"]
         for distribution in params.sweep.distributions:
             for dataset, categories in payload[distribution].items():
                 for category, m in categories.items():
@@ -98,7 +98,7 @@ def history_table(params: Params) -> pl.DataFrame:
     """Loss, ||W|| and ||b - c|| per epoch of every trained variant (mean over categories)."""
     rows = []
     for norm in params.sweep.norms:
-        histories = json.loads((paths.model_dir(params, norm) / "history.json").read_text())
+        histories = json.loads((layout.model_dir(params, norm) / "history.json").read_text())
         for distribution, per_dataset in histories.items():
             for dataset, per_category in per_dataset.items():
                 for category, h in per_category.items():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
+from polarocc import layout
 from polarocc.config import Params
-from polarocc.pipeline import paths
 
 KEYS = ["method", "protocol", "dataset", "category", "distribution", "norm"]
 METRICS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]
@@ -46,7 +46,7 @@ def results_table(params: Params) -> pl.DataFrame:
     payloads: dict[float, dict] = {}
     for distribution, norm in params.variants():
         if norm not in payloads:
-            path = paths.norm_scores(params, norm)
+            path = layout.norm_scores(params, norm)
             if not path.is_file():
                 raise FileNotFoundError(f"missing scores of norm {norm:g} at {path}; run the score stage "
                                         "(dvc repro score)")
@@ -61,14 +61,14 @@ def results_table(params: Params) -> pl.DataFrame:
                     continue
                 rows.append(_row(params, m.get("protocol", "B"), dataset, category, distribution, norm, m))
     for dataset in params.protocol_c.datasets:
-        path = paths.online_report(params, dataset)
+        path = layout.online_report(params, dataset)
         if not path.is_file():
             raise FileNotFoundError(f"missing Protocol C results at {path}; run the online stage "
                                     f"(dvc repro online@{dataset})")
         for category, m in json.loads(path.read_text())["results"].items():
             rows.append(_row(params, "C", dataset, category, params.center.distribution, params.center.norm, m))
     if params.peers.methods:
-        path = paths.peers_report(params)
+        path = layout.peers_report(params)
         if not path.is_file():
             raise FileNotFoundError(f"missing peer results at {path}; run the peers stage (dvc repro peers)")
         peers = json.loads(path.read_text())["results"]
