@@ -6,7 +6,7 @@ Two workloads, each the train stage's own code on the real feature stores:
   every center distribution in lockstep (Lite0 layers 1-3: 176 channels; data/features/textures);
 * ``B1``: ``B`` with fit_store's radius certificate run on the lockstep's torch threads (as it stands it runs on
   every core, outside fit_store's ``torch_threads`` block): the effect of that change to polarocc/pipeline/train.py;
-* ``A``: :func:`polarocc.pipeline.protocol_a.fit_all` (every digit class x distribution, 1280 pooled channels;
+* ``A``: :func:`polarocc.detector.protocol_a.fit_all` (every digit class x distribution, 1280 pooled channels;
   data/features/digits).
 
 Each is timed alone and with one competing process: ``spin`` (a pure-Python busy loop, one core) and
@@ -70,25 +70,23 @@ def _loadavg() -> float:
 def workload_b(params, norm: float) -> tuple[Callable[[], int], dict]:
     """fit_store of every category of the textures dataset at ``norm``, every distribution."""
     from polarocc import layout
+    from polarocc.detector.stores import fit_store, statistics_mode
     from polarocc.features.store import FeatureStore
-    from polarocc.pipeline.train import _step_flop, fit_store, statistics_source
-    from polarocc.training.statistics import StreamedStatistics
+    from polarocc.training.fit import step_flop
     from polarocc.training.threads import threads_for
 
     dataset = "textures"
     categories = params.datasets[dataset].categories
     stores = [FeatureStore(layout.feature_store(params, dataset, c)) for c in categories]
     distributions = tuple(params.sweep.distributions)
-    source = statistics_source(stores[0], params.train)
-    streamed = isinstance(source, StreamedStatistics)
-    if streamed:
-        source.close()
+    streamed = statistics_mode(stores[0], params.train) == "streamed"
     info = {"dataset": dataset, "categories": list(categories), "channels": stores[0].channels,
             "train_images": [s.features("train").shape[0] for s in stores],
             "pixels_per_image": stores[0].pixels_per_image, "distributions": list(distributions),
             "statistics": "streamed" if streamed else "stored", "epochs": params.train.epochs,
             "batch_size": params.train.batch_size,
-            "torch_threads": threads_for(_step_flop(stores[0], len(distributions), params.train, streamed))}
+            "torch_threads": threads_for(step_flop(stores[0].channels, stores[0].pixels_per_image,
+                                                     len(distributions), params.train, streamed))}
 
     def run() -> int:
         return sum(len(fit_store(store, params, norm, distributions, device="cpu")) for store in stores)
@@ -99,8 +97,8 @@ def workload_b(params, norm: float) -> tuple[Callable[[], int], dict]:
 def workload_a(params, norm: float) -> tuple[Callable[[], int], dict]:
     """protocol_a.fit_all at ``norm``: every class of every Protocol A dataset, every distribution."""
     from polarocc import layout
+    from polarocc.detector import protocol_a
     from polarocc.features.store import FeatureStore
-    from polarocc.pipeline import protocol_a
     from polarocc.training.threads import split_threads, threads_for
 
     datasets = list(params.protocol_a.datasets)
@@ -124,7 +122,7 @@ def workload_a(params, norm: float) -> tuple[Callable[[], int], dict]:
 def workload_b1(params, norm: float) -> tuple[Callable[[], int], dict]:
     """``B`` with the radius certificate on the lockstep's thread count: what fit_store does when its
     ``torch_threads(threads_for(...))`` block covers the certificate too (it runs on every core as it stands)."""
-    from polarocc.pipeline import train
+    from polarocc.training import fit as train
     from polarocc.training.threads import torch_threads
 
     run, info = workload_b(params, norm)

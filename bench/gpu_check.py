@@ -32,12 +32,13 @@ import yaml
 from polarocc import layout
 from polarocc.atomic import write_text
 from polarocc.config import Params, load_params
+from polarocc.detector.model_files import load_model
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
 from polarocc.pipeline.extract import run_extract
 from polarocc.pipeline.prepare import run_prepare
 from polarocc.pipeline.score import run_score
-from polarocc.pipeline.train import load_model, run_train
+from polarocc.pipeline.train import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 AUROC_TOLERANCE = 1e-4

@@ -82,14 +82,14 @@ def child(task: str, store_path: str) -> None:
                      peers=PeersConfig(coreset_ratio=0.01, projection_dim=64, bank_limit=20_000))
     start = time.perf_counter()
     if task == "train":
-        from polarocc.pipeline.train import fit_store
+        from polarocc.detector.stores import fit_store
 
         fit_store(store, params, 1.0, ("normal",))
     elif task == "score":
         from polarocc.analysis.polar import PolarAccumulator
+        from polarocc.detector.stores import category_metrics, pixel_accumulators, score_store
         from polarocc.models.centers import make_center
         from polarocc.models.projector import Projector
-        from polarocc.pipeline.score import category_metrics, pixel_accumulators, score_store
 
         center = make_center("normal", 1.0, CHANNELS)
         pixel, polar = pixel_accumulators(store, 1, params.score), [PolarAccumulator(center)]

@@ -31,6 +31,7 @@ from bench.reporting import write_results  # noqa: E402
 from polarocc import layout  # noqa: E402
 from polarocc.config import TrainConfig, load_params  # noqa: E402
 from polarocc.data.images import Geometry  # noqa: E402
+from polarocc.detector.stores import fit_store  # noqa: E402
 from polarocc.features import store as fs  # noqa: E402
 from polarocc.features.extract import (  # noqa: E402
     CategoryExtractor,
@@ -42,7 +43,6 @@ from polarocc.features.store import FeatureStore  # noqa: E402
 from polarocc.models.backbone import build_extractor  # noqa: E402
 from polarocc.models.centers import make_center  # noqa: E402
 from polarocc.models.projector import Projector  # noqa: E402
-from polarocc.pipeline.train import fit_store  # noqa: E402
 from polarocc.training.direct import train_direct  # noqa: E402
 from polarocc.training.gram import train_gram  # noqa: E402
 

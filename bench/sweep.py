@@ -46,7 +46,7 @@ def _spin() -> None:
 
 def fit_all_seconds(norm: float, threads: int) -> tuple[float, float]:
     from polarocc.config import load_params
-    from polarocc.pipeline import protocol_a
+    from polarocc.detector import protocol_a
 
     params = load_params()
     if threads:

@@ -218,7 +218,7 @@ def category_counts(params: Params, dataset: str) -> tuple[dict[str, tuple[int, 
 
 
 def _protocol_a_data(params: Params, ds: ClassificationDatasetConfig):
-    """The dataset as its reader gives it (the dispatch of :func:`polarocc.pipeline.protocol_a.load_dataset`)."""
+    """The dataset as its reader gives it (the dispatch of :func:`polarocc.detector.protocol_a.load_dataset`)."""
     from polarocc.data import classification as c
 
     if ds.format == "digits":

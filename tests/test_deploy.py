@@ -15,16 +15,16 @@ import torch
 from polarocc import layout
 from polarocc.config import load_params
 from polarocc.data.images import Geometry, load_image
-from polarocc.deploy.artefact import load_artefact, save_artefact
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.inputs import collect_images, output_names
 from polarocc.deploy.predict import choose_threshold, predict
 from polarocc.deploy.stream import OnlineLearner, StreamSettings, cold_start_artefact, run_stream
+from polarocc.detector.artefact import load_artefact, save_artefact
+from polarocc.detector.stores import score_store
 from polarocc.errors import ConfigError, DataError, ModelError
 from polarocc.features.store import FeatureStore
 from polarocc.pipeline.export import export_variant
 from polarocc.pipeline.online import run_online
-from polarocc.pipeline.score import score_store
 from polarocc.pipeline.train import run_train
 from polarocc.training.direct import train_direct
 from polarocc.training.schedule import epoch_batches

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from polarocc.deploy.artefact import load_artefact, save_artefact
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.predict import choose_threshold, predict
 from polarocc.deploy.stream import (
@@ -24,6 +23,7 @@ from polarocc.deploy.stream import (
     run_stream,
     save_stream_model,
 )
+from polarocc.detector.artefact import load_artefact, save_artefact
 from polarocc.errors import DataError, ModelError, UnsafePathError
 from polarocc.ownership import MARKER
 from tests.test_deploy import _rows, _test_images, cold, model_path, trained  # noqa: F401  (shared fixtures)

@@ -119,7 +119,7 @@ def _fashion_mnist_tree(root: Path, train: int = 100, test: int = 40) -> Path:
 def test_protocol_a_on_a_two_worker_cluster_equals_in_process(params_dict: dict, tmp_path: Path) -> None:
     # Fashion-MNIST lives in memory: each task carries its shard's images to the worker instead of file paths.
     from polarocc.config import parse_params
-    from polarocc.pipeline.protocol_a import STORE_NAME, run_extract_a
+    from polarocc.detector.protocol_a import STORE_NAME, run_extract_a
 
     dataset = {"format": "fashion_mnist", "path": str(_fashion_mnist_tree(tmp_path / "fm")), "classes": "all"}
     stores = {}

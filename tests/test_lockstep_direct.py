@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from polarocc.config import TrainConfig, parse_params
+from polarocc.detector import protocol_a
+from polarocc.detector.protocol_a import fit_class, fit_variants
 from polarocc.errors import NumericalError
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline import protocol_a
-from polarocc.pipeline.protocol_a import fit_class, fit_variants
 from polarocc.training.direct import VariantLossDiverged, train_direct, train_direct_lockstep
 from polarocc.training.threads import in_order
 
@@ -275,10 +275,11 @@ def test_score_all_classes_side_by_side_equal_in_turn(default_params: dict, monk
         assert store == "store"
         return models[files[path]]
 
+    monkeypatch.setattr(protocol_a, "load_model", load_model)
     monkeypatch.setattr(protocol_a, "threads_for", lambda *_, **__: 1)
-    in_turn = protocol_a.score_all(params, 2.0, load_model)
+    in_turn = protocol_a.score_all(params, 2.0)
     monkeypatch.setattr(protocol_a, "threads_for", lambda *_, **__: 2)
-    side_by_side = protocol_a.score_all(params, 2.0, load_model)
+    side_by_side = protocol_a.score_all(params, 2.0)
     assert list(in_turn) == list(params.sweep.distributions)
     assert list(in_turn["normal"]["digits"]) == ["0", "1", "2"]
     assert side_by_side == in_turn

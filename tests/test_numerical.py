@@ -11,11 +11,11 @@ import pytest
 from polarocc import layout
 from polarocc.config import load_params
 from polarocc.data.images import Geometry
+from polarocc.detector.stores import fit_store
 from polarocc.errors import NumericalError
 from polarocc.features import store as fs
 from polarocc.features.extract import CategoryExtractor, extract_category, read_category
 from polarocc.features.store import FeatureStore
-from polarocc.pipeline.train import fit_store
 
 
 class _Overflowing(CategoryExtractor):

@@ -13,13 +13,14 @@ import yaml
 
 from polarocc import layout
 from polarocc.config import load_params
-from polarocc.deploy.artefact import load_artefact
+from polarocc.detector.artefact import load_artefact
+from polarocc.detector.curves import checkpoints
+from polarocc.detector.stores import score_store
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
-from polarocc.pipeline.online import checkpoints, online_config, run_category, run_online
-from polarocc.pipeline.score import score_store
+from polarocc.pipeline.online import online_config, run_category, run_online
 from polarocc.scoring.maps import score_batch
 from polarocc.scoring.metrics import image_auroc, pixel_auroc
 from polarocc.training.direct import train_direct

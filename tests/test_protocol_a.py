@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from polarocc.config import parse_params
+from polarocc.detector.protocol_a import fit_class, score_class
 from polarocc.errors import ConfigError
 from polarocc.layout import file_stem
 from polarocc.models.backbone import build_pooled_extractor
 from polarocc.models.projector import Projector
-from polarocc.pipeline.protocol_a import fit_class, score_class
 
 
 def test_pooled_features_are_the_penultimate_layer() -> None:
@@ -75,8 +75,8 @@ def test_protocol_a_params(default_params: dict, tmp_path: Path) -> None:
 def test_mvtec_image_level_end_to_end(params_dict: dict, mvtec_tree: Path, tmp_path: Path) -> None:
     from polarocc import layout
     from polarocc.config import load_params
-    from polarocc.pipeline.protocol_a import fit_all, run_extract_a, score_all
-    from polarocc.pipeline.train import load_model, save_model
+    from polarocc.detector.model_files import save_model
+    from polarocc.detector.protocol_a import fit_all, run_extract_a, score_all
     from tests.conftest import write_params
 
     params_dict["protocol_a"] = {"datasets": {"mv": {"format": "mvtec", "path": str(mvtec_tree)}},
@@ -88,7 +88,7 @@ def test_mvtec_image_level_end_to_end(params_dict: dict, mvtec_tree: Path, tmp_p
     for distribution, dataset, name, store, projector, center, _ in fit_all(params, 1.0):
         save_model(layout.model_file(params, 1.0, distribution, dataset, name), projector, center,
                    {"store_fingerprint": store.attrs["fingerprint"]})
-    results = score_all(params, 1.0, load_model)["normal"]["mv"]
+    results = score_all(params, 1.0)["normal"]["mv"]
     assert set(results) == {"brick", "gravel"}
     for result in results.values():  # within-category: 3 good against 4 defective test images
         assert result["n_test"] == 7 and result["n_anomalous"] == 4
@@ -97,8 +97,8 @@ def test_mvtec_image_level_end_to_end(params_dict: dict, mvtec_tree: Path, tmp_p
 
 def test_unknown_class_stops_before_extraction(params_dict: dict, tmp_path: Path) -> None:
     from polarocc.config import load_params
+    from polarocc.detector.protocol_a import run_extract_a
     from polarocc.errors import DataError
-    from polarocc.pipeline.protocol_a import run_extract_a
     from tests.conftest import write_params
 
     params_dict["protocol_a"]["datasets"]["digits"]["classes"] = ["0", "eleven"]

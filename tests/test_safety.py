@@ -15,12 +15,12 @@ import zarr
 
 from polarocc.atomic import atomic_file, write_text
 from polarocc.config import load_params
+from polarocc.detector.model_files import load_model
 from polarocc.errors import DataError, MissingOutputError, ModelError, PolaroccError, UnsafePathError
 from polarocc.features import store as fs
 from polarocc.ownership import MARKER, claim, inside, replace_folder, safe_name
 from polarocc.pipeline.check import run_check
 from polarocc.pipeline.prepare import run_prepare
-from polarocc.pipeline.train import load_model
 from tests.conftest import ROOT, write_params
 
 
@@ -278,8 +278,8 @@ def test_predict_output_paths_that_cannot_be_folders_are_one_line_errors(tmp_pat
 
 
 def _reader_calls(path: Path):
-    from polarocc.deploy.artefact import load_artefact
     from polarocc.deploy.stream import read_state
+    from polarocc.detector.artefact import load_artefact
     from polarocc.models.backbone import check_weights
     from polarocc.models.weights import read_state_dict
 

@@ -12,12 +12,13 @@ import torch
 from polarocc import layout
 from polarocc.analysis.polar import PolarAccumulator
 from polarocc.config import load_params
+from polarocc.detector import stores as score_module
+from polarocc.detector.model_files import load_model
+from polarocc.detector.stores import fit_store, pixel_accumulators, score_store
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import score as score_module
 from polarocc.pipeline import train as train_module
-from polarocc.pipeline.score import pixel_accumulators, score_store
-from polarocc.pipeline.train import fit_store, load_model, run_train
+from polarocc.pipeline.train import run_train
 from polarocc.scoring.maps import chunk_images
 from polarocc.scoring.pixel_metrics import ExactPixelMetrics, result_workers, results_of
 from polarocc.training.threads import in_order

@@ -12,6 +12,7 @@ import torch
 
 from polarocc import layout
 from polarocc.config import Params, TrainConfig, load_params
+from polarocc.detector.stores import fit_store
 from polarocc.errors import MissingOutputError
 from polarocc.features.budget import (
     STORED,
@@ -25,7 +26,6 @@ from polarocc.features.store import FeatureStore, read_rows
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline.extract import run_extract
-from polarocc.pipeline.train import fit_store
 from polarocc.training.gram import train_gram, train_lockstep
 from polarocc.training.statistics import StoredStatistics, StreamedStatistics, gram_of
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from polarocc.data.images import Geometry
-from polarocc.deploy.artefact import ModelArtefact
+from polarocc.detector.artefact import ModelArtefact
 from polarocc.models.backbone import FeatureExtractor, build_extractor
 from polarocc.scoring.maps import score_batch
 

@@ -13,11 +13,11 @@ from polarocc.atomic import atomic_file, save_npy
 from polarocc.data.images import load_image
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
-from polarocc.deploy.artefact import ModelArtefact, Threshold
 from polarocc.deploy.detector import Detector
 from polarocc.deploy.inputs import output_names
 from polarocc.deploy.overlay import save_overlay
-from polarocc.deploy.threshold import (
+from polarocc.detector.artefact import ModelArtefact, Threshold
+from polarocc.detector.threshold import (
     quantile_threshold,
     radius_threshold,
     stream_quantile_threshold,

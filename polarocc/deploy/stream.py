@@ -29,9 +29,9 @@ from tqdm import tqdm
 from polarocc.atomic import torch_save_atomic
 from polarocc.config import Params
 from polarocc.data.images import load_image
-from polarocc.deploy.artefact import ModelArtefact, Threshold, save_artefact, score_settings
 from polarocc.deploy.detector import Detector
-from polarocc.deploy.threshold import quantile_threshold, stream_quantile_threshold
+from polarocc.detector.artefact import ModelArtefact, Threshold, save_artefact, score_settings
+from polarocc.detector.threshold import quantile_threshold, stream_quantile_threshold
 from polarocc.errors import ConfigError, DataError, ModelError, UnsafePathError
 from polarocc.models.backbone import FeatureExtractor, backbone_record, build_extractor
 from polarocc.models.centers import make_center
@@ -418,7 +418,7 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
 
 
 def save_stream_model(learner: OnlineLearner, path: Path) -> Path:
-    """Write the current model as a file :func:`polarocc.deploy.artefact.load_artefact` reads."""
+    """Write the current model as a file :func:`polarocc.detector.artefact.load_artefact` reads."""
     if learner.processed == 0:
         raise ModelError("nothing was learned yet")
     return save_artefact(path, learner.as_artefact())

@@ -21,12 +21,13 @@ from polarocc.analysis.polar import ANOMALOUS, NORMAL, store_position_labels
 from polarocc.atomic import write_json
 from polarocc.config import Params
 from polarocc.data.images import Geometry, load_image
-from polarocc.deploy.artefact import load_artefact
+from polarocc.detector import protocol_a
+from polarocc.detector.artefact import load_artefact
+from polarocc.detector.curves import LearningCurve
+from polarocc.detector.model_files import load_model
+from polarocc.detector.stores import fit_store
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
-from polarocc.pipeline import protocol_a
-from polarocc.pipeline.online import LearningCurve
-from polarocc.pipeline.train import fit_store, load_model
 from polarocc.reports.figures import overlay_grid, tsne_plot
 from polarocc.scoring.maps import project, score_batch
 

@@ -11,9 +11,9 @@ import warnings
 from polarocc import layout
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist
+from polarocc.detector import protocol_a
 from polarocc.errors import ConfigError, DataError
 from polarocc.features.extract import read_category
-from polarocc.pipeline import protocol_a
 
 
 def run_check(params: Params, dataset: str, progress: bool = True) -> dict:

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from polarocc import layout
 from polarocc.config import Params, validate_norm
-from polarocc.deploy.artefact import ModelArtefact, check_model_target, save_artefact, score_settings
-from polarocc.deploy.threshold import quantile_threshold
+from polarocc.detector.artefact import check_model_target, save_artefact
+from polarocc.detector.model_files import build_artefact, load_model
 from polarocc.device import pick_device
 from polarocc.errors import ConfigError, ModelError
 from polarocc.features.store import FeatureStore
-from polarocc.models.projector import Projector
-from polarocc.pipeline.score import score_store
-from polarocc.pipeline.train import load_model
-
-
-def build_artefact(projector: Projector, center: torch.Tensor, store: FeatureStore, params: Params,
-                   train: dict[str, Any], provenance: dict[str, Any], device: str = "cpu") -> ModelArtefact:
-    """A model file's content: the threshold is a quantile of the store's normal training scores."""
-    [normal] = score_store(store, [(projector, center)], params.score, device, split="train")
-    projector.to("cpu")
-    attrs = store.attrs
-    return ModelArtefact(
-        projector=projector.state(), center=center.detach().cpu().to(torch.float64), backbone=attrs["backbone"],
-        geometry=attrs["geometry"], feature_shape=tuple(int(n) for n in store.features("train").shape[1:]),
-        score=score_settings(params.score), threshold=quantile_threshold(normal, params.deploy.threshold_quantile),
-        normal_scores=[float(s) for s in normal], train=train,
-        provenance={**provenance, "store": str(store.path), "store_fingerprint": attrs["fingerprint"]})
 
 
 def export_variant(params: Params, norm: float, distribution: str, dataset: str, category: str,

@@ -7,71 +7,29 @@ checkpoints leave the training trajectory untouched.
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import replace
 
-import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
 from polarocc import layout
 from polarocc.atomic import write_csv, write_json
-from polarocc.config import Params, ScoreConfig, TrainConfig
-from polarocc.deploy.artefact import save_artefact
+from polarocc.config import Params, TrainConfig
+from polarocc.detector.artefact import save_artefact
+from polarocc.detector.curves import LearningCurve, checkpoints
+from polarocc.detector.model_files import build_artefact
+from polarocc.detector.stores import category_metrics, fit_store
 from polarocc.device import pick_device
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
-from polarocc.models.projector import Projector
-from polarocc.pipeline.export import build_artefact
-from polarocc.pipeline.score import category_metrics, pixel_accumulators, score_store
-from polarocc.pipeline.train import fit_store
 from polarocc.reports.plots import learning_curve_plot
-from polarocc.scoring.metrics import image_auroc
-from polarocc.scoring.pixel_metrics import PixelMetrics
-from polarocc.training.threads import torch_threads
 
 
 def online_config(params: Params) -> TrainConfig:
     """Protocol C's training settings: ``train`` with batch size 1, one epoch and the stream's order seed."""
     return replace(params.train, epochs=1, batch_size=1, seed=params.protocol_c.seed)
-
-
-def checkpoints(n_images: int) -> list[int]:
-    """Images seen at which the learning curve is evaluated: 1, 2, 4, ... and ``n_images``."""
-    marks = [1 << k for k in range(max(n_images, 1).bit_length()) if 1 << k < n_images]
-    return [*marks, n_images]
-
-
-class LearningCurve:
-    """Scores the test split at checkpoints during training; the projector itself is never touched."""
-
-    def __init__(self, store: FeatureStore, center: torch.Tensor, cfg: ScoreConfig, marks: list[int],
-                 device: str = "cpu") -> None:
-        self.store, self.center, self.cfg, self.device = store, center, cfg, device
-        self.marks = set(marks)
-        self.labels = np.array([s.label for s in store.samples("test")])
-        self.points: dict[int, dict[str, float]] = {}
-        self.final: tuple[np.ndarray, PixelMetrics] | None = None
-
-    def evaluate(self, projector: Projector) -> tuple[dict[str, float], tuple[np.ndarray, PixelMetrics]]:
-        """Test image and pixel ROC AUC of a copy of ``projector``, and its (image scores, pixel accumulator)
-        for the other pixel metrics, computed only when asked for."""
-        # Scored as the saved model is (float32, see save_model) and on every core: the training loop may hold
-        # one float64 thread, which made these evaluations 4x slower than the score stage's.
-        frozen = copy.deepcopy(projector).requires_grad_(False).float()
-        [pixel] = pixel_accumulators(self.store, 1, self.cfg)
-        with torch_threads(os.cpu_count() or 1):
-            [scores] = score_store(self.store, [(frozen, self.center)], self.cfg, self.device, pixel=[pixel])
-        metrics = {"image_auroc": image_auroc(self.labels, scores), "pixel_auroc": pixel.pixel_auroc()}
-        return metrics, (scores, pixel)
-
-    def __call__(self, distribution: str, seen: int, projector: Projector) -> None:
-        if seen in self.marks:
-            self.points[seen], outputs = self.evaluate(projector)
-            if seen == max(self.marks):
-                self.final = outputs
 
 
 def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tuple[dict, tuple]:

@@ -13,12 +13,12 @@ from tqdm import tqdm
 from polarocc import layout
 from polarocc.atomic import write_json
 from polarocc.config import Params
+from polarocc.detector import protocol_a
+from polarocc.detector.stores import category_metrics, pixel_accumulators
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.peers.padim import PaDiM
 from polarocc.peers.patchcore import PatchCore
-from polarocc.pipeline import protocol_a
-from polarocc.pipeline.score import category_metrics, pixel_accumulators
 from polarocc.scoring.maps import finish_maps, project
 
 

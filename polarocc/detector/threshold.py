@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from polarocc.deploy.artefact import Threshold
+from polarocc.detector.artefact import Threshold
 from polarocc.errors import ConfigError
 
 

@@ -33,6 +33,7 @@ from polarocc.data.classification import (
 from polarocc.data.images import Geometry, resize_crop
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
+from polarocc.detector.model_files import load_model
 from polarocc.device import pick_device
 from polarocc.errors import DataError, NumericalError
 from polarocc.features import store as fs
@@ -324,7 +325,7 @@ def fit_all(params: Params, norm: float):
                     yield distribution, dataset, name, store, projector, center, history
 
 
-def score_all(params: Params, norm: float, load_model) -> dict:
+def score_all(params: Params, norm: float) -> dict:
     """results[distribution][dataset][class] of every Protocol A model at ``norm``.
 
     Classes are scored side by side like :func:`fit_all` trains them (one torch thread each when a model's

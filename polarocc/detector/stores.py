@@ -1,0 +1,137 @@
+"""The method on cached feature stores: fit the projectors of a category's center variants, score a split with
+several models at once, and the per-category metrics. The pipeline's stages call these; the training and the
+scoring themselves are :func:`polarocc.training.fit.fit_projectors` and :mod:`polarocc.scoring.maps`, which
+:class:`polarocc.Detector` uses as well."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from polarocc.analysis.polar import PolarAccumulator, store_position_labels
+from polarocc.config import Params, ScoreConfig, TrainConfig
+from polarocc.device import pick_device
+from polarocc.errors import MissingOutputError
+from polarocc.features.budget import STORED, STREAMED, resolve_statistics
+from polarocc.features.store import FeatureStore
+from polarocc.memory import release_free_memory
+from polarocc.models.projector import Projector
+from polarocc.scoring.maps import chunk_images, finish_maps, project
+from polarocc.scoring.metrics import f1_max, image_auroc
+from polarocc.scoring.pixel_metrics import PixelMetrics, pixel_metrics_for
+from polarocc.training.fit import Fitted, TrainingFeatures, fit_projectors, step_flop
+from polarocc.training.threads import threads_for
+
+
+def statistics_mode(store: FeatureStore, cfg: TrainConfig) -> str:
+    """``train.statistics`` resolved for a category's training features (stored or streamed)."""
+    features = store.features("train")
+    _, channels, height, width = features.shape
+    return resolve_statistics(cfg.statistics, channels, height, width, str(features.dtype))
+
+
+def step_threads(store: FeatureStore, cfg: TrainConfig, variants: int, device: str) -> int:
+    """The torch threads :func:`fit_store` gives a category's lockstep steps (:func:`threads_for`)."""
+    streamed = statistics_mode(store, cfg) == STREAMED
+    return threads_for(step_flop(store.channels, store.pixels_per_image, variants, cfg, streamed), device)
+
+
+def training_features(store: FeatureStore) -> TrainingFeatures:
+    """A store's training split as the trainers read it."""
+    stored = store.gram_stats if store.has_stored_statistics else None
+    return TrainingFeatures(store.features("train"), store.group["train/sums"][:],
+                            lambda: (f for _, f in store.batches("train")), str(store.path), stored,
+                            store.gram_total if store.has_stored_statistics else None)
+
+
+def fit_store(store: FeatureStore, params: Params, norm: float, distributions: tuple[str, ...],
+              cfg: TrainConfig | None = None, on_step: Callable[[str, int, Projector], None] | None = None,
+              device: str | None = None, threads: int | None = None) -> dict[str, Fitted]:
+    """Train one projector per center distribution on a category store (``cfg`` defaults to ``train``) with
+    :func:`fit_projectors`: every distribution in lockstep from the same batch statistics, certified, retrained
+    directly where the shortcut does not hold. ``on_step(distribution, images_seen, projector)`` follows every
+    step. ``device`` defaults to ``train.device``; ``threads`` to :func:`step_threads`.
+    """
+    cfg = cfg or params.train
+    device = device or pick_device(cfg.device, "train.device")
+    mode = statistics_mode(store, cfg)
+    if cfg.trainer == "gram" and mode == STORED and not store.has_stored_statistics:
+        raise MissingOutputError(f"train.statistics is 'stored' but {store.path} was extracted without per-image "
+                                 "statistics; rerun the extract stage (dvc repro) or set train.statistics to streamed")
+    centers = store.centers(distributions, norm, params.center.seed)
+    return fit_projectors(training_features(store), centers, cfg, params.projector.kind, params.projector.bias,
+                          mode, device, threads or step_threads(store, cfg, len(distributions), device), on_step,
+                          lambda distribution: f"the {distribution} center of norm {norm:g}")
+
+
+def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
+                device: str = "cpu", split: str = "test", pixel: list[PixelMetrics] | None = None,
+                polar: list[PolarAccumulator] | None = None) -> list[np.ndarray]:
+    """Per model, the image scores (N,) of a store's split.
+
+    The features are read once, a few images at a time (:func:`chunk_images`), and shared by every model; no
+    map outlives its chunk. With ``pixel`` (one accumulator per model, test split) the maps and their masks feed the
+    pixel metrics; with ``polar`` (likewise) the projected features feed the polar diagnostics.
+    """
+    models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
+    crop = int(store.attrs["geometry"]["crop"])
+    step = chunk_images(store.channels, *store.features(split).shape[2:])
+    scores: list[list[np.ndarray]] = [[] for _ in models]
+    z = distances = batch_maps = None
+    image_labels = None if polar is None else np.array([s.label for s in store.samples("test")])
+    # A few images at a time, read as such (the stores chunk each image within a shard): the float32 work and
+    # the reads scale with this chunk, not with the shard, so a small test split peaks as high as a large one.
+    for indices, features in store.batches(split, step):
+        rows = slice(int(indices[0]), int(indices[-1]) + 1)
+        masks = None if pixel is None else store.masks(rows)
+        labels = None if polar is None else store_position_labels(store, rows, image_labels)
+        batch = torch.from_numpy(features).to(device)
+        for i, (projector, center) in enumerate(models):
+            z, distances = project(projector, center, batch, cfg.squared)
+            batch_maps, batch_scores = finish_maps(distances, crop, cfg.sigma, cfg.reduction, cfg.topk)
+            if labels is not None:
+                polar[i].add(z, labels)
+            if masks is not None:
+                pixel[i].add(batch_maps.float().cpu().numpy(), masks)
+            scores[i].append(batch_scores.double().cpu().numpy())
+        features = batch = z = distances = batch_maps = None  # freed before the heap is trimmed
+        release_free_memory()
+    return [np.concatenate(s) for s in scores]
+
+
+def pixel_accumulators(store: FeatureStore, models: int, cfg: ScoreConfig) -> list[PixelMetrics]:
+    """One pixel-metric accumulator per model for a store's test split, exact while it fits
+    ``score.metrics_memory_mb`` (see :func:`pixel_metrics_for`)."""
+    return pixel_metrics_for(map_pixels(store), models, cfg.metrics_memory_mb)
+
+
+def map_pixels(store: FeatureStore) -> int:
+    """Pixels of a store's test maps (every test image at the crop size)."""
+    crop = int(store.attrs["geometry"]["crop"])
+    return store.features("test").shape[0] * crop * crop
+
+
+def category_metrics(store: FeatureStore, scores: np.ndarray, pixel: dict) -> dict:
+    """Image ROC AUC and F1-max of one category with its image scores, beside the ``pixel`` metrics
+    (pixel ROC AUC, AUPRO at FPR <= 0.3, pixel F1-max) of a :class:`PixelMetrics` accumulator."""
+    samples = store.samples("test")
+    labels = np.array([s.label for s in samples])
+    return {
+        "protocol": "B",
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel["pixel_auroc"],
+        "aupro": pixel["aupro"],
+        "image_f1_max": f1_max(labels, scores),
+        "pixel_f1_max": pixel["pixel_f1_max"],
+        "pixel_metrics": pixel["pixel_metrics"],
+        **({"pixel_auroc_tie_bound": pixel["pixel_auroc_tie_bound"]} if "pixel_auroc_tie_bound" in pixel else {}),
+        "n_test": len(samples),
+        "n_anomalous": int(labels.sum()),
+        "scores": [round(float(s), 6) for s in scores],
+        "labels": labels.tolist(),
+        "defect_types": [s.defect_type for s in samples],
+    }
+
+
