@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -109,17 +110,61 @@ def convert_visa_command(
         typer.echo(f"{obj}: " + ", ".join(f"{folder} {n}" for folder, n in folders.items()))
 
 
+class ExportFormat(StrEnum):
+    """What `polarocc export` writes."""
+
+    torch = "torch"
+    onnx = "onnx"
+
+
 @app.command()
 @_user_errors
 def export(
-    category: Annotated[str, typer.Argument(help="category (Protocol B) to export")],
-    out: Annotated[Path, typer.Argument(help="model file to write (.pt)")],
+    category: Annotated[str | None, typer.Argument(
+        help="category (Protocol B) to export; leave it out with --model", metavar="CATEGORY",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Argument(
+        help="file to write: a model file (.pt) or, with --format onnx, an ONNX graph (.onnx)",
+        metavar="OUT", show_default=False)] = None,
     dataset: Annotated[str | None, typer.Option(help="dataset; default: the only one declared")] = None,
     norm: Annotated[float | None, typer.Option(help="center norm; default center.norm")] = None,
     distribution: Annotated[str | None, typer.Option(help="center distribution; default center.distribution")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="convert this model file (predict, stream --save-model) instead of a pipeline variant: "
+        "polarocc export --model FILE OUT")] = None,
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", help="torch: a model file for predict/stream; onnx: one graph from uint8 images to scores and "
+        "anomaly maps, for onnxruntime")] = ExportFormat.torch,
+    opset: Annotated[int, typer.Option(min=13, help="ONNX opset (--format onnx)")] = 17,
     params: Path = PARAMS,
 ) -> None:
-    """Save one trained variant (after `dvc repro`) as a self-describing model file for predict/stream."""
+    """Save one trained variant (after `dvc repro`), or convert a model file (--model), for predict/stream or
+    as ONNX (--format onnx)."""
+    import tempfile
+
+    from polarocc.detector.artefact import load_artefact, save_artefact
+
+    if model is not None:
+        # The one positional argument given is the output: `polarocc export --model FILE OUT`.
+        if out is not None or category is None:
+            raise ConfigError("with --model give only the output file: polarocc export --model FILE OUT")
+        if dataset is not None or norm is not None or distribution is not None:
+            raise ConfigError("--dataset, --norm and --distribution choose a pipeline variant; leave them out "
+                              "with --model")
+        out = Path(category)
+    elif category is None or out is None:
+        raise ConfigError("give CATEGORY and OUT (polarocc export CATEGORY OUT), or --model FILE OUT")
+    if fmt is ExportFormat.onnx:
+        from polarocc.deploy.onnx_export import check_onnx_target, export_artefact_onnx
+
+        check_onnx_target(out)  # before any work (also fails here when onnx is not installed)
+    if model is not None:
+        artefact = load_artefact(model)
+        path = (export_artefact_onnx(artefact, out, opset) if fmt is ExportFormat.onnx
+                else save_artefact(out, artefact))
+        typer.echo(f"wrote {path}")
+        return
+
     from polarocc.config import load_params
     from polarocc.pipeline.export import export_variant
 
@@ -128,8 +173,14 @@ def export(
         if len(p.datasets) != 1:
             raise ConfigError(f"several datasets are declared ({', '.join(p.datasets)}); pass --dataset")
         dataset = next(iter(p.datasets))
-    path = export_variant(p, p.center.norm if norm is None else norm, distribution or p.center.distribution,
-                          dataset, category, out)
+    chosen = (p.center.norm if norm is None else norm, distribution or p.center.distribution, dataset, category)
+    if fmt is ExportFormat.torch:
+        path = export_variant(p, *chosen, out)
+    else:
+        # export_variant writes model files only: make one beside nothing the user sees, then convert it.
+        with tempfile.TemporaryDirectory(prefix="polarocc-export-") as folder:
+            artefact = load_artefact(export_variant(p, *chosen, Path(folder) / "model.pt"))
+        path = export_artefact_onnx(artefact, out, opset)
     typer.echo(f"wrote {path}")
 
 
@@ -161,16 +212,16 @@ def predict(
     """Score images with a saved model: print and write scores and decisions, maps and overlays."""
     import polars as pl
 
-    from polarocc.deploy.artefact import load_artefact
-    from polarocc.deploy.detector import Detector
-    from polarocc.deploy.inputs import collect_images
+    from polarocc.data.inputs import collect_images
     from polarocc.deploy.predict import choose_threshold
     from polarocc.deploy.predict import predict as run_predict
+    from polarocc.detector import Detector
+    from polarocc.detector.artefact import load_artefact
 
     artefact = load_artefact(model)
     chosen = choose_threshold(artefact, threshold, quantile, radius_threshold)
     images = collect_images(inputs or [], list_file)
-    detector = Detector(artefact, _device(device))
+    detector = Detector.from_artefact(artefact, _device(device))
     table = run_predict(detector, images, out, chosen, batch_size, maps)
     typer.echo(f"threshold {chosen.describe()}")
     with pl.Config(tbl_rows=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
@@ -205,8 +256,7 @@ def stream(
     params: Path = PARAMS,
 ) -> None:
     """Online use: score each image before learning from it; stop any time and rerun to resume."""
-    from polarocc.deploy.artefact import check_model_target, load_artefact
-    from polarocc.deploy.inputs import collect_images
+    from polarocc.data.inputs import collect_images
     from polarocc.deploy.stream import (
         OnlineLearner,
         StreamSettings,
@@ -216,6 +266,7 @@ def stream(
         run_stream,
         save_stream_model,
     )
+    from polarocc.detector.artefact import check_model_target, load_artefact
 
     if (model is None) == (not cold_start):
         raise ConfigError("give either --model FILE or --cold-start")

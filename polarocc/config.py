@@ -45,17 +45,17 @@ class Rule:
     item: Rule | None = None  # for lists: the rule of each item, so an error can name the bad one
 
 
-def violation(rule: Rule, value: Any, key: str) -> str | None:
+def violation(rule: Rule, value: Any, key: str, label: str = "params key") -> str | None:
     """None when ``value`` satisfies ``rule``; else the error message, naming ``key`` (or ``key[i]`` for the first
-    bad item of a list)."""
+    bad item of a list) as a ``label``."""
     if rule.test(value):
         return None
     if rule.item is not None and isinstance(value, tuple):
         for i, item in enumerate(value):
             if not rule.item.test(item):
-                return f"params key '{key}[{i}]' must be {rule.item.expected}, got {item!r}"
+                return f"{label} '{key}[{i}]' must be {rule.item.expected}, got {item!r}"
     shown = list(value) if isinstance(value, tuple) else value
-    return f"params key '{key}' must be {rule.expected}, got {shown!r}"
+    return f"{label} '{key}' must be {rule.expected}, got {shown!r}"
 
 
 def _is_int(value: Any) -> bool:
@@ -231,8 +231,12 @@ class DeployConfig:
     """Saved models for ``polarocc predict``/``stream``: the default decision threshold."""
 
     threshold_quantile: float = 0.99
+    # Fraction of the normal training images held out (seeded by train.seed) to set the threshold on scores of
+    # images the model was not trained on; 0: the training images' own (lower) scores.
+    holdout: float = 0.2
 
-    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"threshold_quantile": real(0, 1, low_open=True)}
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"threshold_quantile": real(0, 1, low_open=True),
+                                              "holdout": real(0, 1, high_open=True)}
 
 
 @dataclass(frozen=True)
@@ -410,17 +414,22 @@ def _mapping(value: Any, key: str) -> dict[str, Any]:
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
-    """``cls`` from a params mapping: unknown keys refused, every field checked against ``cls.CONSTRAINTS``."""
+def build_section(cls: type, raw: dict[str, Any], section: str, label: str = "params key") -> Any:
+    """``cls`` from a params mapping: unknown keys refused, every field checked against ``cls.CONSTRAINTS``;
+    errors name ``section.key`` (or ``key`` alone for an empty ``section``) as a ``label``."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
+
+    def qualified(name: str) -> str:
+        return f"{section}.{name}" if section else name
+
     if unknown:
-        raise ConfigError(f"unknown params key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+        raise ConfigError(f"unknown {label}(s) {', '.join(qualified(k) for k in unknown)}; "
                           f"valid keys are {', '.join(sorted(known))}")
     missing = sorted(f.name for f in fields(cls)
                      if f.name not in raw and f.default is MISSING and f.default_factory is MISSING)
     if missing:
-        raise ConfigError(f"params key '{section}.{missing[0]}' is missing; set it (see README, Parameters)")
+        raise ConfigError(f"{label} '{qualified(missing[0])}' is missing; set it (see README, Parameters)")
     values = {}
     for key, value in raw.items():
         if isinstance(value, list):
@@ -430,7 +439,7 @@ def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
         values[key] = value
     config = cls(**values)
     for f in fields(cls):
-        message = violation(cls.CONSTRAINTS[f.name], getattr(config, f.name), f"{section}.{f.name}")
+        message = violation(cls.CONSTRAINTS[f.name], getattr(config, f.name), qualified(f.name), label)
         if message:
             raise ConfigError(message)
     return config
@@ -467,7 +476,7 @@ def parse_params(raw: Any, root: Path | str = ".", source: str = "params.yaml") 
         _require(fmt in DATASET_FORMATS or fmt not in CLASSIFICATION_FORMATS, f"{key}.format",
                  f"{fmt} has class labels but no pixel masks, and 'datasets' is for Protocol B (detection and "
                  "segmentation): declare it under protocol_a.datasets instead")
-        datasets[name] = _build(DatasetConfig, {"name": name, **entry}, key)
+        datasets[name] = build_section(DatasetConfig, {"name": name, **entry}, key)
 
     raw_a = dict(_mapping(raw.get("protocol_a"), "protocol_a"))
     a_datasets = {}
@@ -475,8 +484,8 @@ def parse_params(raw: Any, root: Path | str = ".", source: str = "params.yaml") 
         key = f"protocol_a.datasets.{name}"
         _require(isinstance(entry, dict), key, "must be a mapping with format (and path)")
         _require(name not in datasets, key, "has the name of a Protocol B dataset; each dataset needs its own name")
-        a_datasets[name] = _build(ClassificationDatasetConfig, {"name": name, **entry}, key)
-    sections = {name: _build(cls, {**_mapping(raw.get(name), name), **({"datasets": a_datasets}
+        a_datasets[name] = build_section(ClassificationDatasetConfig, {"name": name, **entry}, key)
+    sections = {name: build_section(cls, {**_mapping(raw.get(name), name), **({"datasets": a_datasets}
                                                                         if name == "protocol_a" else {})}, name)
                 for name, cls in SECTIONS.items()}
     params = Params(datasets=datasets, root=Path(root), **sections)

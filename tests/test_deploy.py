@@ -15,10 +15,10 @@ import torch
 from polarocc import layout
 from polarocc.config import load_params
 from polarocc.data.images import Geometry, load_image
-from polarocc.deploy.detector import Detector
-from polarocc.deploy.inputs import collect_images, output_names
+from polarocc.data.inputs import collect_images, output_names
 from polarocc.deploy.predict import choose_threshold, predict
 from polarocc.deploy.stream import OnlineLearner, StreamSettings, cold_start_artefact, run_stream
+from polarocc.detector import Detector
 from polarocc.detector.artefact import load_artefact, save_artefact
 from polarocc.detector.stores import score_store
 from polarocc.errors import ConfigError, DataError, ModelError
@@ -63,7 +63,7 @@ def test_model_file_describes_itself_and_scores_like_the_pipeline(trained: Path,
     params = load_params(trained / "params.yaml")
     store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     images = np.stack([load_image(s.path, Geometry(72, 64)) for s in store.samples("train")])
-    _, scores = Detector(model, extractor=lite0).score(images)
+    _, scores = Detector.from_artefact(model, extractor=lite0).score_crops(images)
     np.testing.assert_allclose(scores, model.normal_scores, rtol=2e-2)  # cache is float16
 
 
@@ -96,12 +96,12 @@ def test_mismatched_backbone_or_geometry_fails_clearly(model_path: Path, tmp_pat
 
     two_levels = build_extractor("tf_efficientnet_lite0", (1, 2), pool=3, weights="package")
     with pytest.raises(ModelError, match=r"backbone.layers: model \[1, 2, 3\], the given extractor \[1, 2\]"):
-        Detector(model, extractor=two_levels)
+        Detector.from_artefact(model, extractor=two_levels)
 
     # A model whose recorded geometry disagrees with what its backbone produces is refused when loaded to score.
     wrong = replace(model, geometry={"resize": 256, "crop": 224})
     with pytest.raises(ModelError, match=r"produces features of shape \(176, 56, 56\).*expects \(176, 16, 16\)"):
-        Detector(wrong)
+        Detector.from_artefact(wrong).extractor  # noqa: B018 (the backbone is built and checked on first use)
     tampered = replace(model, feature_shape=(24, 16, 16))
     save_artefact(tmp_path / "bad.pt", tampered)
     with pytest.raises(ModelError, match="inconsistent"):
@@ -150,12 +150,12 @@ def test_collect_images(mvtec_tree: Path, tmp_path: Path) -> None:
 
 def test_predict_writes_scores_maps_and_overlays(model_path: Path, mvtec_tree: Path, tmp_path: Path, lite0) -> None:
     model = load_artefact(model_path)
-    detector = Detector(model, extractor=lite0)
+    detector = Detector.from_artefact(model, extractor=lite0)
     images = _test_images(mvtec_tree)
     threshold = choose_threshold(model, quantile=0.5)
     table = predict(detector, images, tmp_path / "out", threshold, batch_size=3, progress=False)
     assert table["path"].to_list() == [str(p) for p in images]
-    _, direct = detector.score(np.stack([load_image(p, detector.geometry) for p in images]))
+    _, direct = detector.score_crops(np.stack([load_image(p, detector.geometry) for p in images]))
     np.testing.assert_allclose(table["score"].to_numpy(), direct, rtol=1e-5)
     assert table["anomalous"].to_list() == (direct > threshold.value).tolist()
     first = tmp_path / "out" / table["map"][0]
@@ -171,7 +171,7 @@ def test_predict_stops_on_a_bad_image_before_scoring(model_path: Path, mvtec_tre
     images = _test_images(mvtec_tree)
     broken = tmp_path / "broken.png"
     broken.write_bytes(images[0].read_bytes()[:100])
-    detector = Detector(load_artefact(model_path), extractor=lite0)
+    detector = Detector.from_artefact(load_artefact(model_path), extractor=lite0)
     with pytest.raises(DataError, match=r"broken\.png"):
         predict(detector, [*images, broken], tmp_path / "out", choose_threshold(detector.artefact), progress=False)
     assert not (tmp_path / "out").exists()
@@ -195,7 +195,8 @@ def test_clean_stream_follows_the_batch_one_trainer(cold, mvtec_tree: Path, tmp_
     run_stream(learner, stream, tmp_path / "s.csv", tmp_path / "s.pt", "cold", progress=False)
 
     # The same pass by Protocol C's direct trainer over the same features, in the same order.
-    features = np.concatenate([Detector(cold, extractor=lite0).features(load_image(p, Geometry(72, 64))[None]).numpy()
+    cold_detector = Detector.from_artefact(cold, extractor=lite0)
+    features = np.concatenate([cold_detector.features(load_image(p, Geometry(72, 64))[None]).numpy()
                                for p in train_images])
     reference = cold.build_projector(torch.float64)
     train_direct(reference, cold.center, lambda idx: features[idx], len(features), _train_cfg(cold, seed=3))
@@ -217,7 +218,8 @@ def test_stream_learns_only_from_images_it_judges_normal(model_path: Path, mvtec
                                                         lite0) -> None:
     model = load_artefact(model_path)
     images = _test_images(mvtec_tree)
-    _, before = Detector(model, extractor=lite0).score(np.stack([load_image(p, Geometry(72, 64)) for p in images]))
+    crops = np.stack([load_image(p, Geometry(72, 64)) for p in images])
+    _, before = Detector.from_artefact(model, extractor=lite0).score_crops(crops)
     learner = OnlineLearner(model, StreamSettings(threshold=float(np.median(before))), extractor=lite0)
     start = learner.projector.weight.detach().clone()
     run_stream(learner, images, tmp_path / "s.csv", tmp_path / "s.pt", "m", progress=False)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from polarocc.deploy.detector import Detector
 from polarocc.deploy.predict import choose_threshold, predict
 from polarocc.deploy.stream import (
     HEADER,
@@ -23,7 +22,8 @@ from polarocc.deploy.stream import (
     run_stream,
     save_stream_model,
 )
-from polarocc.detector.artefact import load_artefact, save_artefact
+from polarocc.detector import Detector
+from polarocc.detector.artefact import FORMAT_VERSION, load_artefact, save_artefact
 from polarocc.errors import DataError, ModelError, UnsafePathError
 from polarocc.ownership import MARKER
 from tests.test_deploy import _rows, _test_images, cold, model_path, trained  # noqa: F401  (shared fixtures)
@@ -285,7 +285,7 @@ def test_cli_stream_from_a_model_describes_saved_thresholds_truthfully(model_pat
 def test_old_model_files_without_the_new_threshold_fields_still_load(model_path: Path,  # noqa: F811
                                                                      tmp_path: Path) -> None:
     payload = _payload(model_path)
-    assert payload["format_version"] == 1 and set(payload["threshold"]) == {"value", "rule", "quantile"}
+    assert payload["format_version"] == FORMAT_VERSION and set(payload["threshold"]) == {"value", "rule", "quantile"}
     assert "normal_scores" not in payload["provenance"]
     model = load_artefact(model_path)
     assert model.normal_scores_origin() is None and "normal training scores" in model.threshold.describe()
@@ -296,7 +296,7 @@ def test_old_model_files_without_the_new_threshold_fields_still_load(model_path:
 
 @pytest.fixture
 def detector(model_path: Path, lite0) -> Detector:  # noqa: F811
-    return Detector(load_artefact(model_path), extractor=lite0)
+    return Detector.from_artefact(load_artefact(model_path), extractor=lite0)
 
 
 def test_predict_failing_mid_run_leaves_the_previous_output_byte_identical(detector: Detector, mvtec_tree: Path,
@@ -317,7 +317,7 @@ def test_predict_failing_mid_run_leaves_the_previous_output_byte_identical(detec
     assert _snapshot(out) == before
 
     # A failure after some batches were scored (device error, file changed after the check) changes nothing.
-    score, calls = detector.score, []
+    score, calls = detector.score_crops, []
 
     def failing(pixels: np.ndarray):
         calls.append(len(pixels))
@@ -325,7 +325,7 @@ def test_predict_failing_mid_run_leaves_the_previous_output_byte_identical(detec
             raise RuntimeError("CUDA out of memory")
         return score(pixels)
 
-    monkeypatch.setattr(detector, "score", failing)
+    monkeypatch.setattr(detector, "score_crops", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         predict(detector, images[::-1], out, threshold, batch_size=2, progress=False)
     assert len(calls) == 2 and _snapshot(out) == before

@@ -21,11 +21,28 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _lazy_exports() -> dict[str, set[str]]:
+    """The package's lazily exported names (``polarocc.Detector``): the modules each one imports in the package's
+    ``__getattr__``, which runs only when a script asks for that name."""
+    exports: dict[str, set[str]] = {}
+    tree = ast.parse((ROOT / "polarocc" / "__init__.py").read_text())
+    for function in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"):
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                exports.update({f"polarocc.{a.name}": {node.module} for a in node.names})
+    return exports
+
+
 def _imported_names(path: Path) -> set[str]:
-    """Every module name ``path`` imports, at any depth of the file (lazy imports inside functions too)."""
+    """Every module name ``path`` imports, at any depth of the file (lazy imports inside functions too); the
+    package's own lazy exports count where a script imports the exported name, not in the package itself."""
     package = path.relative_to(ROOT).parent.parts
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    if path == ROOT / "polarocc" / "__init__.py":
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")]
+    lazy = _lazy_exports()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -33,7 +50,7 @@ def _imported_names(path: Path) -> set[str]:
             if node.level:
                 module = ".".join([*package[: len(package) - node.level + 1], *([module] if module else [])])
             names |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
-    return names
+    return names | {target for name in names for target in lazy.get(name, ())}
 
 
 def import_closure(script: Path) -> set[str]:

@@ -57,6 +57,8 @@ def violations(root: Path) -> list[str]:
     problems = []
     for path in sorted(root.rglob("*.py")):
         module = _module_name(path)
+        if module == "polarocc":  # the package's public face re-exports the top objects (lazily): above all rows
+            continue
         own = _part(module)
         for target in sorted(imports(path)):
             other = _part(target)

@@ -263,7 +263,7 @@ def test_validate_names_layers_weights_and_devices(params_dict: dict, tmp_path: 
 
 
 def test_predict_output_paths_that_cannot_be_folders_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
-    from polarocc.deploy.inputs import collect_images
+    from polarocc.data.inputs import collect_images
 
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UnsafePathError, match=r"--out: cannot create the folder"):

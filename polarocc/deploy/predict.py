@@ -11,11 +11,11 @@ from tqdm import tqdm
 
 from polarocc.atomic import atomic_file, save_npy
 from polarocc.data.images import load_image
+from polarocc.data.inputs import output_names
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
-from polarocc.deploy.detector import Detector
-from polarocc.deploy.inputs import output_names
 from polarocc.deploy.overlay import save_overlay
+from polarocc.detector import Detector
 from polarocc.detector.artefact import ModelArtefact, Threshold
 from polarocc.detector.threshold import (
     quantile_threshold,
@@ -69,7 +69,7 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
             for start in range(0, len(images), batch_size):
                 paths, stems = images[start:start + batch_size], names[start:start + batch_size]
                 pixels = np.stack([load_image(p, detector.geometry) for p in paths])
-                maps, scores = detector.score(pixels)
+                maps, scores = detector.score_crops(pixels)
                 for path, stem, image, anomaly_map, score in zip(paths, stems, pixels, maps, scores, strict=True):
                     map_file = overlay_file = ""
                     if write_maps:

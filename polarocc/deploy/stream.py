@@ -29,7 +29,7 @@ from tqdm import tqdm
 from polarocc.atomic import torch_save_atomic
 from polarocc.config import Params
 from polarocc.data.images import load_image
-from polarocc.deploy.detector import Detector
+from polarocc.detector import Detector
 from polarocc.detector.artefact import ModelArtefact, Threshold, save_artefact, score_settings
 from polarocc.detector.threshold import quantile_threshold, stream_quantile_threshold
 from polarocc.errors import ConfigError, DataError, ModelError, UnsafePathError
@@ -141,8 +141,8 @@ class OnlineLearner:
     def __init__(self, artefact: ModelArtefact, settings: StreamSettings, device: str = "cpu",
                  extractor: FeatureExtractor | None = None) -> None:
         self.artefact, self.settings = artefact, settings
-        self.detector = Detector(artefact, device, extractor, dtype=torch.float64)
-        self.projector = self.detector.projector.requires_grad_(True)
+        self.detector = Detector.from_artefact(artefact, device, extractor, progress=False, dtype=torch.float64)
+        self.projector = self.detector.projector_.requires_grad_(True)
         self.optimizer = Adam(self.projector.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.window: deque[float] = deque(artefact.normal_scores[-settings.window:], maxlen=settings.window)
         self.initial = len(self.window)  # scores carried over from the model, oldest first in the window
@@ -168,7 +168,7 @@ class OnlineLearner:
         """One optimizer step on one image's features (1, C, H, W); returns the loss before the step."""
         # clone(): features made under inference mode cannot enter autograd.
         loss = hinge_loss(self.projector(features.clone().to(self.projector.weight.dtype)),
-                          self.detector.center, self.settings.radius)
+                          self.detector.center_, self.settings.radius)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

@@ -26,7 +26,7 @@ from polarocc.models.projector import Projector
 from polarocc.safe_load import torch_load_plain
 
 FORMAT = "polarocc-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional map_scale (overlay colours) and the holdout_quantile threshold rule
 # What makes two feature extractors interchangeable; anything else (device, batch size) does not matter.
 BACKBONE_KEYS = ("name", "weights", "layers", "pool", "mean", "std")
 GEOMETRY_KEYS = ("resize", "crop")
@@ -47,7 +47,8 @@ def library_versions() -> dict[str, str]:
 class Threshold:
     """The image-score threshold above which an image is called anomalous, and how it was chosen.
 
-    ``rule`` is ``quantile`` (that quantile of the normal training scores), ``stream_quantile`` (that quantile
+    ``rule`` is ``quantile`` (that quantile of the normal training scores), ``holdout_quantile`` (that quantile of
+    the scores of ``window`` normal images held out of training), ``stream_quantile`` (that quantile
     of the scores of the last ``window`` images a stream learned from, ``carried`` of them carried over from
     the starting model's normal scores), ``user`` (given explicitly) or ``radius`` (the paper's d > R; every
     image exceeds it in practice, see the README).
@@ -63,6 +64,9 @@ class Threshold:
         """A short human-readable form."""
         if self.rule == "quantile":
             return f"{self.value:.6g} (quantile {self.quantile:g} of normal training scores)"
+        if self.rule == "holdout_quantile":
+            return (f"{self.value:.6g} (quantile {self.quantile:g} of the scores of {self.window} normal images held "
+                    "out of training)")
         if self.rule == "stream_quantile":
             window, carried = self.window or 0, self.carried or 0
             if not carried:
@@ -94,6 +98,8 @@ class ModelArtefact:
     train: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
+    # Overlay colour scale (low, high) on the map scale: percentiles of normal images' anomaly-map pixels.
+    map_scale: list[float] | None = None
 
     def build_projector(self, dtype: torch.dtype = torch.float32) -> Projector:
         """The trained projector as a module."""
@@ -292,11 +298,17 @@ def load_artefact(path: Path | str) -> ModelArtefact:
     normal = _field(path, payload, "normal_scores", lambda v: isinstance(v, list | tuple) and all(map(_is_number, v)),
                     "a list of numbers")
     train, provenance, versions = (_dict(path, payload, key) for key in ("train", "provenance", "versions"))
+    scale = payload.get("map_scale")
+    if scale is not None:
+        _field(path, payload, "map_scale", lambda v: isinstance(v, list | tuple) and len(v) == 2
+               and all(map(_is_number, v)) and all(map(math.isfinite, v)) and v[0] < v[1],
+               "two finite increasing numbers or None")
     _origin(path, provenance)
     artefact = ModelArtefact(
         projector=projector, center=center, backbone=backbone, geometry=geometry,
         feature_shape=tuple(int(n) for n in shape), score=score, threshold=threshold,
-        normal_scores=[float(s) for s in normal], train=train, provenance=provenance, versions=versions)
+        normal_scores=[float(s) for s in normal], train=train, provenance=provenance, versions=versions,
+        map_scale=None if scale is None else [float(v) for v in scale])
     channels = artefact.feature_shape[0]
     if (tuple(weight.shape) != (channels, channels) or center.numel() != channels
             or (bias is not None and bias.numel() != channels)):

@@ -22,6 +22,13 @@ def quantile_threshold(normal_scores: np.ndarray | list[float], quantile: float)
     return Threshold(float(np.quantile(scores, quantile, method="higher")), "quantile", float(quantile))
 
 
+def holdout_quantile_threshold(held_out_scores: np.ndarray | list[float], quantile: float) -> Threshold:
+    """The ``quantile`` of the scores of normal images held out of training: unlike training images' scores,
+    these are what unseen normal images score, so about ``1 - quantile`` of new normal images exceed it."""
+    value = quantile_threshold(held_out_scores, quantile).value
+    return Threshold(value, "holdout_quantile", float(quantile), window=len(held_out_scores))
+
+
 def stream_quantile_threshold(window: list[float], quantile: float, carried: int = 0) -> Threshold:
     """The ``quantile`` of the scores in a stream's window (prequential scores of the images it learned from;
     the oldest ``carried`` of them carried over from the starting model's normal scores)."""
