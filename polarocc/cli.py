@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from polarocc.config import BackboneConfig, DeployConfig, TrainConfig
 from polarocc.errors import ConfigError, MissingOutputError, PolaroccError
 
 app = typer.Typer(help="Data-agnostic one-class anomaly detection with a random hypersphere center.",
@@ -184,6 +185,58 @@ def export(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+@_user_errors
+def fit(
+    good: Annotated[Path, typer.Argument(help="folder of normal (good) images; read recursively")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="model file to write (.pt)")],
+    test: Annotated[Path | None, typer.Option(
+        help="labelled test folder in MVTec layout (good/ and one folder per defect type): print its metrics")] = None,
+    masks: Annotated[Path | None, typer.Option(
+        help="the defects' masks in MVTec layout (<defect_type>/<name>_mask.png): pixel ROC AUC and AUPRO too")
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="timm model name")] = BackboneConfig.name,
+    weights: Annotated[str, typer.Option(
+        help="package (offline Lite0) | hub | path to a weights file")] = BackboneConfig.weights,
+    resize: Annotated[int, typer.Option(help="square resize before the center crop")] = BackboneConfig.resize,
+    crop: Annotated[int, typer.Option(help="center crop: the model input size")] = BackboneConfig.crop,
+    epochs: Annotated[int, typer.Option(help="training epochs (the paper: 50)")] = TrainConfig.epochs,
+    holdout: Annotated[float, typer.Option(
+        help="fraction of the good images held out to set the threshold (0: the training images' scores)")
+    ] = DeployConfig.holdout,
+    quantile: Annotated[float, typer.Option(
+        help="threshold = this quantile of the held-out images' scores")] = DeployConfig.threshold_quantile,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Train a detector on a folder of normal images (no DVC, no params.yaml) and save it for `polarocc predict`."""
+    from polarocc.detector.artefact import check_model_target
+    from polarocc.detector.detector import Detector
+
+    samples = None
+    if masks is not None and test is None:
+        raise ConfigError("--masks needs --test (the images the masks belong to)")
+    if test is not None:
+        from polarocc.data.mvtec import read_test_folder
+
+        samples = read_test_folder(test, masks)  # checked before training, so a bad folder costs nothing
+    check_model_target(out)
+    detector = Detector(backbone=backbone, weights=weights, resize=resize, crop=crop, epochs=epochs,
+                        holdout=holdout, quantile=quantile, device=device).fit(good)
+    detector.save(out)
+    threshold = detector.artefact.threshold
+    typer.echo(f"wrote {out}; threshold {threshold.describe() if threshold else 'none'}")
+    if samples is not None:
+        from polarocc.deploy.evaluate import evaluate
+
+        m = evaluate(detector, samples)
+        line = f"test: {m['images']} images ({m['defective']} defective): image ROC AUC {m['image_auroc']:.4f}"
+        if m["pixel_auroc"] is not None:
+            line += f", pixel ROC AUC {m['pixel_auroc']:.4f}, AUPRO {m['aupro']:.4f}"
+        typer.echo(line)
+        typer.echo(f"at the threshold: {m['flagged_defective']} of {m['defective']} defective and "
+                   f"{m['flagged_good']} of {m['images'] - m['defective']} good images flagged")
+
+
 def _device(requested: str) -> str:
     from polarocc.device import pick_device
 
@@ -215,8 +268,8 @@ def predict(
     from polarocc.data.inputs import collect_images
     from polarocc.deploy.predict import choose_threshold
     from polarocc.deploy.predict import predict as run_predict
-    from polarocc.detector import Detector
     from polarocc.detector.artefact import load_artefact
+    from polarocc.detector.detector import Detector
 
     artefact = load_artefact(model)
     chosen = choose_threshold(artefact, threshold, quantile, radius_threshold)
@@ -225,7 +278,7 @@ def predict(
     table = run_predict(detector, images, out, chosen, batch_size, maps)
     typer.echo(f"threshold {chosen.describe()}")
     with pl.Config(tbl_rows=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
-        typer.echo(table.select(["path", "score", "anomalous"]))
+        typer.echo(table.select(["path", "score", "normalized_score", "anomalous"]))
     flagged = int(table["anomalous"].sum())
     typer.echo(f"{flagged} of {table.height} images anomalous; wrote {out / 'scores.csv'}"
                + (f", {out / 'maps'} and {out / 'overlays'}" if maps else ""))

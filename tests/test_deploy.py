@@ -18,8 +18,8 @@ from polarocc.data.images import Geometry, load_image
 from polarocc.data.inputs import collect_images, output_names
 from polarocc.deploy.predict import choose_threshold, predict
 from polarocc.deploy.stream import OnlineLearner, StreamSettings, cold_start_artefact, run_stream
-from polarocc.detector import Detector
 from polarocc.detector.artefact import load_artefact, save_artefact
+from polarocc.detector.detector import Detector
 from polarocc.detector.stores import score_store
 from polarocc.errors import ConfigError, DataError, ModelError
 from polarocc.features.store import FeatureStore

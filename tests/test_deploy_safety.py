@@ -22,8 +22,8 @@ from polarocc.deploy.stream import (
     run_stream,
     save_stream_model,
 )
-from polarocc.detector import Detector
 from polarocc.detector.artefact import FORMAT_VERSION, load_artefact, save_artefact
+from polarocc.detector.detector import Detector
 from polarocc.errors import DataError, ModelError, UnsafePathError
 from polarocc.ownership import MARKER
 from tests.test_deploy import _rows, _test_images, cold, model_path, trained  # noqa: F401  (shared fixtures)

@@ -16,8 +16,8 @@ from polarocc.cli import app
 from polarocc.data.images import Geometry, load_image
 from polarocc.data.inputs import collect_images
 from polarocc.deploy.onnx_export import export_artefact_onnx, export_onnx
-from polarocc.detector import Detector
 from polarocc.detector.artefact import ModelArtefact, Threshold, load_artefact, save_artefact
+from polarocc.detector.detector import Detector
 from polarocc.errors import ConfigError, UnsafePathError
 from polarocc.models.projector import Projector
 

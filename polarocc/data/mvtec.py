@@ -66,6 +66,29 @@ def read_split(root: Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
+def read_test_folder(test: Path, truth: Path | None = None) -> list[Sample]:
+    """The labelled images of an MVTec-layout ``test`` folder on its own: ``good/`` normal, every other folder a
+    defect type; each defect's mask from ``truth/<defect_type>/<stem>_mask.*`` where ``truth`` (the category's
+    ``ground_truth`` folder) is given and holds one, else none (image-level labels only)."""
+    test = Path(test)
+    if not test.is_dir():
+        raise DataError(f"test folder {test} does not exist")
+    if truth is not None and not Path(truth).is_dir():
+        raise DataError(f"mask folder {truth} does not exist")
+    samples: list[Sample] = []
+    for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+        for image in _images(folder):
+            if folder.name == NORMAL_TYPE:
+                samples.append(Sample(image, 0))
+            else:
+                mask = None if truth is None else _mask_for(image, Path(truth) / folder.name)
+                samples.append(Sample(image, 1, folder.name, mask))
+    if not any(s.label == 0 for s in samples) or not any(s.label == 1 for s in samples):
+        raise DataError(f"test folder {test} needs good/ and at least one defect folder with images "
+                        "(MVTec layout: test/good, test/<defect_type>)")
+    return samples
+
+
 def check_files(samples: list[Sample], progress: bool = True) -> None:
     """Decode every image and mask once before any feature is computed.
 

@@ -158,7 +158,7 @@ def export_artefact_onnx(artefact: ModelArtefact, path: Path | str, opset: int =
                          extractor: FeatureExtractor | None = None) -> Path:
     """Export a saved model to ONNX at ``path``, on the CPU (its backbone is built here unless ``extractor`` is
     given; a given one is moved to the CPU, as :class:`Detector` does)."""
-    from polarocc.detector import Detector
+    from polarocc.detector.detector import Detector
 
     check_onnx_target(path)  # before the backbone is built
     # The detector builds (or checks) the backbone the model records and holds its float32 projector and center.

@@ -15,8 +15,8 @@ from polarocc.data.inputs import output_names
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.deploy.overlay import save_overlay
-from polarocc.detector import Detector
 from polarocc.detector.artefact import ModelArtefact, Threshold
+from polarocc.detector.detector import Detector
 from polarocc.detector.threshold import (
     quantile_threshold,
     radius_threshold,
@@ -26,7 +26,7 @@ from polarocc.detector.threshold import (
 from polarocc.errors import ConfigError
 from polarocc.ownership import check_replaceable, replace_folder
 
-COLUMNS = ["path", "score", "threshold", "anomalous", "map", "overlay"]
+COLUMNS = ["path", "score", "threshold", "normalized_score", "anomalous", "map", "overlay"]
 
 
 def choose_threshold(artefact: ModelArtefact, value: float | None = None, quantile: float | None = None,
@@ -47,6 +47,11 @@ def choose_threshold(artefact: ModelArtefact, value: float | None = None, quanti
     if artefact.threshold is None:
         raise ConfigError("this model has no saved threshold (no normal training scores); give --threshold")
     return artefact.threshold
+
+
+def normalized(score: float, threshold: float) -> float:
+    """score / threshold: above 1 is anomalous, whatever the model's score scale (inf for a zero threshold)."""
+    return score / threshold if threshold > 0 else float("inf")
 
 
 def predict(detector: Detector, images: list[Path], out: Path, threshold: Threshold, batch_size: int = 16,
@@ -76,7 +81,8 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
                         map_file, overlay_file = f"maps/{stem}.npy", f"overlays/{stem}.png"
                         save_npy(folder / map_file, anomaly_map.astype(np.float32))
                         save_overlay(folder / overlay_file, image, anomaly_map, threshold.value, float(score))
-                    rows.append([str(path), repr(float(score)), repr(threshold.value), bool(score > threshold.value),
+                    rows.append([str(path), repr(float(score)), repr(threshold.value),
+                                 repr(normalized(float(score), threshold.value)), bool(score > threshold.value),
                                  map_file, overlay_file])
                 bar.update(len(paths))
         with atomic_file(folder / "scores.csv", "w") as fh:

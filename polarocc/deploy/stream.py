@@ -29,8 +29,8 @@ from tqdm import tqdm
 from polarocc.atomic import torch_save_atomic
 from polarocc.config import Params
 from polarocc.data.images import load_image
-from polarocc.detector import Detector
 from polarocc.detector.artefact import ModelArtefact, Threshold, save_artefact, score_settings
+from polarocc.detector.detector import Detector
 from polarocc.detector.threshold import quantile_threshold, stream_quantile_threshold
 from polarocc.errors import ConfigError, DataError, ModelError, UnsafePathError
 from polarocc.models.backbone import FeatureExtractor, backbone_record, build_extractor

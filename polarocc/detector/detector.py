@@ -47,9 +47,17 @@ MAP_SCALE_PERCENTILES = (50.0, 99.9)  # overlay colours: median normal pixel -> 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def _config(cls: type, values: dict[str, Any]) -> Any:
-    return build_section(cls, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, "",
-                         "Detector parameter")
+def _config(cls: type, values: dict[str, Any], names: dict[str, str] | None = None) -> Any:
+    """``cls`` from Detector parameters, checked like params.yaml; ``names`` maps a field to the parameter it
+    comes from where they differ, so an error names what the user wrote."""
+    try:
+        return build_section(cls, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, "",
+                             "Detector parameter")
+    except ConfigError as exc:
+        message = str(exc)
+        for field_name, parameter in (names or {}).items():
+            message = message.replace(f"'{field_name}'", f"'{parameter}'").replace(f"'{field_name}[", f"'{parameter}[")
+        raise ConfigError(message) from None
 
 
 def _build_model_extractor(artefact: ModelArtefact) -> FeatureExtractor:
@@ -118,16 +126,18 @@ class Detector:
                                 DeployConfig]:
         backbone = _config(BackboneConfig, {"name": self.backbone, "weights": self.weights, "layers": self.layers,
                                             "pool": self.pool, "resize": self.resize, "crop": self.crop,
-                                            "mean": self.mean, "std": self.std})
-        center = _config(CenterConfig, {"distribution": self.center, "norm": self.norm, "seed": self.seed})
-        projector = _config(ProjectorConfig, {"kind": self.projector, "bias": self.bias})
+                                            "mean": self.mean, "std": self.std}, {"name": "backbone"})
+        center = _config(CenterConfig, {"distribution": self.center, "norm": self.norm, "seed": self.seed},
+                         {"distribution": "center"})
+        projector = _config(ProjectorConfig, {"kind": self.projector, "bias": self.bias}, {"kind": "projector"})
         train = _config(TrainConfig, {"trainer": self.trainer, "epochs": self.epochs, "batch_size": self.batch_size,
                                       "lr": self.lr, "weight_decay": self.weight_decay, "radius": self.radius,
-                                      "seed": self.train_seed, "device": self.device})
+                                      "seed": self.train_seed, "device": self.device}, {"seed": "train_seed"})
         score = _config(ScoreConfig, {"sigma": self.sigma, "reduction": self.reduction, "topk": self.topk,
                                       "squared": self.squared, "device": self.device})
-        deploy = _config(DeployConfig, {"threshold_quantile": self.quantile, "holdout": self.holdout})
-        _config(ExtractConfig, {"dtype": self.feature_dtype})
+        deploy = _config(DeployConfig, {"threshold_quantile": self.quantile, "holdout": self.holdout},
+                         {"threshold_quantile": "quantile"})
+        _config(ExtractConfig, {"dtype": self.feature_dtype}, {"dtype": "feature_dtype"})
         if backbone.crop > backbone.resize:
             raise ConfigError(f"Detector parameter 'crop' ({backbone.crop}) must not exceed 'resize' "
                               f"({backbone.resize})")
@@ -334,7 +344,9 @@ class Detector:
         """(maps at the crop size, scores) of model inputs (B, crop, crop, 3) uint8."""
         return self.score_features(self.features(crops))
 
-    def _run(self, source: Any, maps: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    def score_and_maps(self, source: Any, maps: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(image scores (N,), one anomaly map per image at its own size) in one pass (no maps when ``maps`` is
+        False)."""
         images = as_images(source)
         scores: list[np.ndarray] = []
         full: list[np.ndarray] = []
@@ -350,11 +362,11 @@ class Detector:
 
     def score(self, source: Any) -> np.ndarray:
         """Image anomaly scores (N,) float64: higher is more anomalous."""
-        return self._run(source, maps=False)[0]
+        return self.score_and_maps(source, maps=False)[0]
 
     def anomaly_maps(self, source: Any) -> list[np.ndarray]:
         """One float32 anomaly map per image, at that image's own height and width."""
-        return self._run(source, maps=True)[1]
+        return self.score_and_maps(source)[1]
 
     def predict(self, source: Any, threshold: float | None = None) -> np.ndarray:
         """Per image, whether its score exceeds the threshold (the calibrated one unless ``threshold`` is given)."""
