@@ -141,8 +141,6 @@ def export(
 ) -> None:
     """Save one trained variant (after `dvc repro`), or convert a model file (--model), for predict/stream or
     as ONNX (--format onnx)."""
-    import tempfile
-
     from polarocc.detector.artefact import load_artefact, save_artefact
 
     if model is not None:
@@ -167,7 +165,7 @@ def export(
         return
 
     from polarocc.config import load_params
-    from polarocc.pipeline.export import export_variant
+    from polarocc.pipeline.export import export_variant, variant_artefact
 
     p = load_params(params)
     if dataset is None:
@@ -178,10 +176,7 @@ def export(
     if fmt is ExportFormat.torch:
         path = export_variant(p, *chosen, out)
     else:
-        # export_variant writes model files only: make one beside nothing the user sees, then convert it.
-        with tempfile.TemporaryDirectory(prefix="polarocc-export-") as folder:
-            artefact = load_artefact(export_variant(p, *chosen, Path(folder) / "model.pt"))
-        path = export_artefact_onnx(artefact, out, opset)
+        path = export_artefact_onnx(variant_artefact(p, *chosen), out, opset)
     typer.echo(f"wrote {path}")
 
 

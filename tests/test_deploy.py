@@ -21,6 +21,7 @@ from polarocc.deploy.stream import OnlineLearner, StreamSettings, cold_start_art
 from polarocc.detector.artefact import load_artefact, save_artefact
 from polarocc.detector.detector import Detector
 from polarocc.detector.stores import score_store
+from polarocc.detector.threshold import held_out_rows
 from polarocc.errors import ConfigError, DataError, ModelError
 from polarocc.features.store import FeatureStore
 from polarocc.pipeline.export import export_variant
@@ -55,27 +56,36 @@ def test_model_file_describes_itself_and_scores_like_the_pipeline(trained: Path,
     assert model.backbone["name"] == "tf_efficientnet_lite0" and model.backbone["weights"] == "package"
     assert model.backbone["layers"] == [1, 2, 3] and model.geometry == {"resize": 72, "crop": 64}
     assert model.feature_shape == (176, 16, 16)
-    assert model.score == {"sigma": 4, "reduction": "max", "topk": 10, "squared": True}
+    assert model.score == {"sigma": 4, "reduction": "max", "topk": 10, "squared": True, "feature_dtype": "float16"}
     assert model.threshold.rule == "quantile" and model.threshold.quantile == 0.99
     assert {"polarocc", "torch", "timm"} <= set(model.versions)
 
-    # Scoring the training images from their files reproduces the normal scores saved from the cache.
+    # Scoring the training images from their files reproduces the normal scores saved from the cache: the
+    # features are rounded to the cache's float16 on the way, so both paths score the same numbers.
     params = load_params(trained / "params.yaml")
     store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     images = np.stack([load_image(s.path, Geometry(72, 64)) for s in store.samples("train")])
     _, scores = Detector.from_artefact(model, extractor=lite0).score_crops(images)
-    np.testing.assert_allclose(scores, model.normal_scores, rtol=2e-2)  # cache is float16
+    np.testing.assert_allclose(scores, model.normal_scores, rtol=1e-5)
 
 
 def test_export_any_trained_variant(trained: Path, tmp_path: Path) -> None:
     params = load_params(trained / "params.yaml")
     out = export_variant(params, 1.0, "ones", "mine", "gravel", tmp_path / "gravel.pt")
     model = load_artefact(out)
-    assert model.provenance == {**model.provenance, "protocol": "B", "distribution": "ones", "norm": 1.0}
+    assert model.provenance == {**model.provenance, "protocol": "B", "distribution": "ones", "norm": 1.0,
+                                "trained_on": 5, "held_out": 1}  # deploy.holdout 0.2 of 6 training images
     assert model.train["epochs"] == 3 and len(model.train["history"]["loss"]) == 3
     store = FeatureStore(layout.feature_store(params, "mine", "gravel"))
+    [scores] = score_store(store, [(model.build_projector(), model.center)], params.score, split="train")
+    held = held_out_rows(6, params.deploy.holdout, params.train.seed)
+    assert model.normal_scores == pytest.approx(scores[held].tolist())  # the held-out image's score, as scored
+    assert model.threshold.rule == "holdout_quantile" and model.threshold.value == max(model.normal_scores)
+    # holdout 0: the sweep's own model, its threshold from every training image's (in-sample) score.
+    in_sample = replace(params, deploy=replace(params.deploy, holdout=0.0))
+    model = load_artefact(export_variant(in_sample, 1.0, "ones", "mine", "gravel", tmp_path / "all.pt"))
     [normal] = score_store(store, [(model.build_projector(), model.center)], params.score, split="train")
-    assert model.normal_scores == pytest.approx(normal.tolist())
+    assert model.normal_scores == pytest.approx(normal.tolist()) and model.threshold.rule == "quantile"
     with pytest.raises(FileNotFoundError, match="run the train stage"):
         export_variant(params, 8.0, "ones", "mine", "gravel", tmp_path / "x.pt")
     with pytest.raises(ModelError, match="no Protocol B models"):

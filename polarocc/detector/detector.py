@@ -33,9 +33,10 @@ from polarocc.config import (
 from polarocc.data.images import Geometry
 from polarocc.detector.artefact import ModelArtefact, load_artefact, save_artefact, score_settings
 from polarocc.detector.images import SourceImage, as_images, batches, map_to_image
-from polarocc.detector.threshold import holdout_quantile_threshold, quantile_threshold
+from polarocc.detector.model_files import calibrate, float32_copy
+from polarocc.detector.threshold import held_out_rows
 from polarocc.device import pick_device
-from polarocc.errors import ConfigError, DataError, ModelError
+from polarocc.errors import ConfigError, ModelError
 from polarocc.features.budget import STREAMED
 from polarocc.models.backbone import FeatureExtractor, backbone_record, build_extractor
 from polarocc.models.centers import make_center
@@ -43,7 +44,6 @@ from polarocc.models.projector import Projector
 from polarocc.scoring.maps import score_batch
 from polarocc.training.fit import TrainingFeatures, fit_projectors
 
-MAP_SCALE_PERCENTILES = (50.0, 99.9)  # overlay colours: median normal pixel -> dark, rare normal pixel -> bright
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -154,7 +154,7 @@ class Detector:
         backbone, center_cfg, projector_cfg, train, score, deploy = self._configs()
         device = pick_device(self.device, "device")
         images = as_images(source)
-        held = self._held_out(len(images), deploy.holdout, train.seed)
+        held = held_out_rows(len(images), deploy.holdout, train.seed)
         extractor = build_extractor(backbone.name, backbone.layers, backbone.pool, backbone.weights, backbone.mean,
                                     backbone.std).to(device)
         geometry = Geometry(backbone.resize, backbone.crop)
@@ -170,41 +170,23 @@ class Detector:
                                     projector_cfg.bias, STREAMED, device,
                                     on_step=lambda _, seen, __: steps.update(seen - steps.n))
         projector, center, history = fitted[center_cfg.distribution]
-        # Scored in float32, as the pipeline scores its saved models (training's float64 keeps sums exact).
-        model = (Projector.from_state(projector.state(), dtype=torch.float32).to(device),
-                 center.to(device=device, dtype=torch.float32))
         settings = {**score_settings(score), "feature_dtype": self.feature_dtype}
-        normal = held if len(held) else trained
-        normal_maps, normal_scores = self._score_features(model, features[normal], geometry, settings, device)
-        threshold = (holdout_quantile_threshold(normal_scores, deploy.threshold_quantile) if len(held)
-                     else quantile_threshold(normal_scores, deploy.threshold_quantile))
-        low, high = np.percentile(normal_maps, MAP_SCALE_PERCENTILES)
+        threshold, normal_scores, scale = calibrate(
+            float32_copy(projector), center, features[held if len(held) else trained], geometry.crop, settings,
+            deploy.threshold_quantile, bool(len(held)), device)
         self.artefact_ = ModelArtefact(
-            projector=projector.state(), center=center.detach().cpu().to(torch.float64),
+            projector=float32_copy(projector).state(), center=center.detach().cpu().to(torch.float64),
             backbone=backbone_record(backbone, spec), geometry={"resize": geometry.resize, "crop": geometry.crop},
             feature_shape=(spec.channels, spec.height, spec.width), score=settings, threshold=threshold,
             normal_scores=[float(s) for s in normal_scores],
             train={**vars(train), "history": history.to_dict()},
             provenance={"protocol": "Detector.fit", "distribution": center_cfg.distribution,
                         "norm": float(center_cfg.norm), "images": len(images), "trained_on": len(trained),
-                        "normal_scores": {"source": "holdout" if len(held) else "training", "stream": 0,
-                                          "carried": 0}},
-            map_scale=[float(low), float(max(high, low * (1 + 1e-6) + 1e-12))])
-        self._extractor, self._model, self._device_ = extractor, model, device
+                        "held_out": len(held),
+                        **({"normal_scores": {"source": "holdout", "stream": 0, "carried": 0}} if len(held) else {})},
+            map_scale=scale)
+        self._extractor, self._model, self._device_ = extractor, None, device
         return self
-
-    @staticmethod
-    def _held_out(n_images: int, fraction: float, seed: int) -> np.ndarray:
-        """Sorted indices of the images held out of training (at least one when ``fraction`` > 0)."""
-        if fraction == 0:
-            if n_images < 1:
-                raise DataError("fit needs at least one normal image")
-            return np.zeros(0, dtype=np.int64)
-        count = max(1, round(fraction * n_images))
-        if n_images - count < 1:
-            raise DataError(f"fit got {n_images} image(s): holding out {count} for the threshold leaves none to "
-                            "train on; give more normal images or holdout=0")
-        return np.sort(np.random.default_rng(seed).permutation(n_images)[:count])
 
     def _extract(self, extractor: FeatureExtractor, images: list[SourceImage], geometry: Geometry, device: str,
                  what: str) -> np.ndarray:
@@ -216,19 +198,6 @@ class Detector:
                 out.append(extractor(torch.from_numpy(crops).to(device), dtype=dtype).cpu().numpy())
                 bar.update(len(chunk))
         return np.concatenate(out)
-
-    @staticmethod
-    def _score_features(model: tuple[Projector, torch.Tensor], features: np.ndarray, geometry: Geometry,
-                        settings: dict[str, Any], device: str, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """(maps (N, crop, crop) float32, image scores (N,) float64) of stored-dtype features."""
-        maps, scores = [], []
-        for start in range(0, len(features), size):
-            batch = torch.from_numpy(np.ascontiguousarray(features[start:start + size])).to(device).float()
-            m, s = score_batch(model[0], model[1], batch, geometry.crop, float(settings["sigma"]),
-                               str(settings["reduction"]), int(settings["topk"]), bool(settings["squared"]))
-            maps.append(m.float().cpu().numpy())
-            scores.append(s.double().cpu().numpy())
-        return np.concatenate(maps), np.concatenate(scores)
 
     # -- a fitted or loaded model ---------------------------------------------------------------------------------
     @property

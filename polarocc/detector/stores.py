@@ -15,8 +15,9 @@ from polarocc.config import Params, ScoreConfig, TrainConfig
 from polarocc.device import pick_device
 from polarocc.errors import MissingOutputError
 from polarocc.features.budget import STORED, STREAMED, resolve_statistics
-from polarocc.features.store import FeatureStore
+from polarocc.features.store import FeatureStore, RowSubset
 from polarocc.memory import release_free_memory
+from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.scoring.maps import chunk_images, finish_maps, project
 from polarocc.scoring.metrics import f1_max, image_auroc
@@ -38,8 +39,15 @@ def step_threads(store: FeatureStore, cfg: TrainConfig, variants: int, device: s
     return threads_for(step_flop(store.channels, store.pixels_per_image, variants, cfg, streamed), device)
 
 
-def training_features(store: FeatureStore) -> TrainingFeatures:
-    """A store's training split as the trainers read it."""
+def training_features(store: FeatureStore, rows: np.ndarray | None = None) -> TrainingFeatures:
+    """A store's training split as the trainers read it; with ``rows``, only those training images (ascending),
+    their statistics formed as they are read (stored per-image statistics cover the whole split)."""
+    if rows is not None:
+        subset = RowSubset(store.features("train"), rows)
+        step = int(store.features("train").shards[0])
+        return TrainingFeatures(subset, store.group["train/sums"][:][subset.rows],
+                                lambda: (subset[i:i + step] for i in range(0, len(subset), step)),
+                                f"{store.path} ({len(subset)} of its training images)")
     stored = store.gram_stats if store.has_stored_statistics else None
     return TrainingFeatures(store.features("train"), store.group["train/sums"][:],
                             lambda: (f for _, f in store.batches("train")), str(store.path), stored,
@@ -48,21 +56,29 @@ def training_features(store: FeatureStore) -> TrainingFeatures:
 
 def fit_store(store: FeatureStore, params: Params, norm: float, distributions: tuple[str, ...],
               cfg: TrainConfig | None = None, on_step: Callable[[str, int, Projector], None] | None = None,
-              device: str | None = None, threads: int | None = None) -> dict[str, Fitted]:
+              device: str | None = None, threads: int | None = None, rows: np.ndarray | None = None,
+              ) -> dict[str, Fitted]:
     """Train one projector per center distribution on a category store (``cfg`` defaults to ``train``) with
     :func:`fit_projectors`: every distribution in lockstep from the same batch statistics, certified, retrained
     directly where the shortcut does not hold. ``on_step(distribution, images_seen, projector)`` follows every
-    step. ``device`` defaults to ``train.device``; ``threads`` to :func:`step_threads`.
+    step. ``device`` defaults to ``train.device``; ``threads`` to :func:`step_threads`. With ``rows`` (ascending
+    training-image indices) only those images are trained on, and a ``feature_mean`` center is their mean.
     """
     cfg = cfg or params.train
     device = device or pick_device(cfg.device, "train.device")
-    mode = statistics_mode(store, cfg)
+    mode = statistics_mode(store, cfg) if rows is None else STREAMED
     if cfg.trainer == "gram" and mode == STORED and not store.has_stored_statistics:
         raise MissingOutputError(f"train.statistics is 'stored' but {store.path} was extracted without per-image "
                                  "statistics; rerun the extract stage (dvc repro) or set train.statistics to streamed")
-    centers = store.centers(distributions, norm, params.center.seed)
-    return fit_projectors(training_features(store), centers, cfg, params.projector.kind, params.projector.bias,
-                          mode, device, threads or step_threads(store, cfg, len(distributions), device), on_step,
+    data = training_features(store, rows)
+    if rows is None:
+        centers = store.centers(distributions, norm, params.center.seed)
+    else:
+        mean = data.sums.sum(0) / (len(rows) * store.pixels_per_image)
+        centers = {d: make_center(d, norm, store.channels, params.center.seed, feature_mean=mean)
+                   for d in distributions}
+    return fit_projectors(data, centers, cfg, params.projector.kind, params.projector.bias, mode, device,
+                          threads or step_threads(store, cfg, len(distributions), device), on_step,
                           lambda distribution: f"the {distribution} center of norm {norm:g}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from polarocc.detector.artefact import Threshold
-from polarocc.errors import ConfigError
+from polarocc.errors import ConfigError, DataError
 
 
 def quantile_threshold(normal_scores: np.ndarray | list[float], quantile: float) -> Threshold:
@@ -34,6 +34,18 @@ def stream_quantile_threshold(window: list[float], quantile: float, carried: int
     the oldest ``carried`` of them carried over from the starting model's normal scores)."""
     value = quantile_threshold(window, quantile).value
     return Threshold(value, "stream_quantile", float(quantile), window=len(window), carried=int(carried))
+
+
+def held_out_rows(n_images: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the normal images held out of training to calibrate the threshold: ``fraction`` of
+    ``n_images`` (at least one when ``fraction`` > 0, none for 0), drawn with ``seed``."""
+    if fraction == 0:
+        return np.zeros(0, dtype=np.int64)
+    count = max(1, round(fraction * n_images))
+    if n_images - count < 1:
+        raise DataError(f"{n_images} normal image(s): holding out {count} for the threshold leaves none to train on; "
+                        "give more normal images or a holdout of 0")
+    return np.sort(np.random.default_rng(seed).permutation(n_images)[:count])
 
 
 def radius_threshold(radius: float, squared: bool) -> Threshold:

@@ -182,6 +182,22 @@ def read_rows(array: Any, indices: np.ndarray) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class RowSubset:
+    """Rows ``rows`` (ascending) of a zarr or numpy array, read on demand: what the trainers and scorers read when
+    part of a split is held out (they see an array of ``len(rows)`` images)."""
+
+    def __init__(self, array: Any, rows: np.ndarray) -> None:
+        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *array.shape[1:])
+        self.dtype = array.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return read_rows(self.array, self.rows[rows])
+
+
 class FeatureStore:
     """Read access to one complete category store."""
 

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from polarocc import layout
 from polarocc.config import Params, validate_norm
-from polarocc.detector.artefact import check_model_target, save_artefact
+from polarocc.detector.artefact import ModelArtefact, check_model_target, save_artefact
 from polarocc.detector.model_files import build_artefact, load_model
+from polarocc.detector.stores import fit_store
+from polarocc.detector.threshold import held_out_rows
 from polarocc.device import pick_device
 from polarocc.errors import ConfigError, ModelError
 from polarocc.features.store import FeatureStore
 
 
-def export_variant(params: Params, norm: float, distribution: str, dataset: str, category: str,
-                   out: Path | None = None, device: str = "cpu") -> Path:
-    """Save one trained Protocol B variant as a model file (default: models/deploy/<dataset>/<category>.pt)."""
+def variant_artefact(params: Params, norm: float, distribution: str, dataset: str, category: str,
+                     device: str = "cpu") -> ModelArtefact:
+    """The model file's content for one Protocol B variant after `dvc repro` trained it.
+
+    With ``deploy.holdout`` > 0 the file's projector is trained again, in the same way, on the category's
+    training images minus a seeded held-out fraction, whose scores set the threshold (images the model never
+    saw); the sweep's variant, trained on every image, is what the reported metrics measure. With 0 it is the
+    sweep's variant and its threshold comes from its own training images' (lower) scores.
+    """
     norm = validate_norm(norm, "norm")
     if dataset not in params.datasets:
         known = ", ".join(params.datasets)
@@ -29,15 +38,29 @@ def export_variant(params: Params, norm: float, distribution: str, dataset: str,
     if distribution not in params.sweep.distributions or norm not in [float(n) for n in params.sweep.norms]:
         raise ConfigError(f"the {distribution} center of norm {norm:g} is not in the sweep (sweep.distributions, "
                           "sweep.norms): add it there and run `dvc repro`, then export")
-    check_model_target(out or layout.deploy_model(params, dataset, category))
     store = FeatureStore(layout.feature_store(params, dataset, category))
-    path = layout.model_file(params, norm, distribution, dataset, category)
-    projector, center, meta = load_model(path, store)
-    train = {**meta["train"], "history": meta["history"]}
+    projector, center, meta = load_model(layout.model_file(params, norm, distribution, dataset, category), store)
     provenance = {"protocol": meta["protocol"], "dataset": dataset, "category": category,
                   "distribution": distribution, "norm": norm}
-    artefact = build_artefact(projector, center, store, params, train, provenance, device)
-    return save_artefact(out or layout.deploy_model(params, dataset, category), artefact)
+    n_train = store.features("train").shape[0]
+    held = held_out_rows(n_train, params.deploy.holdout, params.train.seed)
+    if not len(held):
+        return build_artefact(projector, center, store, params, {**meta["train"], "history": meta["history"]},
+                              provenance, device)
+    kept = np.setdiff1d(np.arange(n_train), held)
+    [(projector, center, history)] = fit_store(store, params, norm, (distribution,), rows=kept).values()
+    train = {**vars(params.train), "history": history.to_dict()}
+    provenance.update(trained_on=len(kept), held_out=len(held))
+    return build_artefact(projector, center, store, params, train, provenance, device, held_out=held)
+
+
+def export_variant(params: Params, norm: float, distribution: str, dataset: str, category: str,
+                   out: Path | None = None, device: str = "cpu") -> Path:
+    """Save one trained Protocol B variant as a model file (default: models/deploy/<dataset>/<category>.pt);
+    see :func:`variant_artefact`."""
+    target = out or layout.deploy_model(params, dataset, category)
+    check_model_target(target)
+    return save_artefact(target, variant_artefact(params, norm, distribution, dataset, category, device))
 
 
 def run_export(params: Params, progress: bool = True) -> list[Path]:
