@@ -44,10 +44,12 @@ def _user_errors(command: F) -> F:
 def validate(params: Path = PARAMS) -> None:
     """Check params.yaml, the backbone name and every dataset path without computing anything."""
     from polarocc.config import load_params
-    from polarocc.pipeline.validate import validate_environment
+    from polarocc.pipeline.validate import describe_image_level, image_level_categories, validate_environment
 
     p = load_params(params)
     validate_environment(p)
+    for line in describe_image_level(image_level_categories(p)):
+        typer.echo(line)
     variants = len(p.variants())
     categories = sum(len(d.categories) for d in p.datasets.values())
     typer.echo(f"ok: {len(p.datasets)} dataset(s), {categories} categories, {variants} center variants "

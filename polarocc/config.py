@@ -467,7 +467,6 @@ def parse_params(raw: Any, root: Path | str = ".", source: str = "params.yaml") 
         raise ConfigError(f"unknown params section(s) {', '.join(unknown)}; valid sections are "
                           f"{', '.join(['datasets', *SECTIONS])}")
     datasets_raw = _mapping(raw.get("datasets"), "datasets")
-    _require(bool(datasets_raw), "datasets", "declare at least one dataset")
     datasets = {}
     for name, entry in datasets_raw.items():
         key = f"datasets.{name}"
@@ -495,6 +494,8 @@ def parse_params(raw: Any, root: Path | str = ".", source: str = "params.yaml") 
 
 def _check_consistency(p: Params) -> None:
     """The rules that tie several keys together (each key alone was checked by its constraint)."""
+    _require(bool(p.datasets) or bool(p.protocol_a.datasets), "datasets",
+             "declare at least one dataset (here, or under protocol_a.datasets)")
     b = p.backbone
     _require(b.crop <= b.resize, "backbone.crop", f"({b.crop}) must not exceed backbone.resize ({b.resize})")
     e = p.extract

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from polarocc.data.images import Geometry, load_image, load_mask
-from polarocc.data.mvtec import check_files, read_split
+from polarocc.data.mvtec import check_files, missing_masks, read_split
 from polarocc.errors import DataError
 
 
@@ -50,11 +50,15 @@ def _copy_category(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_missing_mask(mvtec_tree: Path, tmp_path: Path) -> None:
+def test_a_defect_without_a_mask_makes_the_category_image_level(mvtec_tree: Path, tmp_path: Path) -> None:
     root = _copy_category(mvtec_tree, tmp_path)
     (root / "brick/ground_truth/hole/000_mask.png").unlink()
-    with pytest.raises(DataError, match=r"test/hole/000.png has no mask.*000_mask.png"):
-        read_split(root, "brick", "test")
+    samples = read_split(root, "brick", "test")
+    [hole] = [s for s in samples if s.path.name == "000.png" and s.defect_type == "hole"]
+    assert hole.label == 1 and hole.mask_path is None
+    assert missing_masks(samples) == {"hole": 1}
+    shutil.rmtree(root / "brick/ground_truth")  # no ground_truth/ at all: every defect type
+    assert missing_masks(read_split(root, "brick", "test")) == {"hole": 1, "patch": 1, "scratch": 1, "stain": 1}
 
 
 def test_mask_size_mismatch(mvtec_tree: Path, tmp_path: Path) -> None:

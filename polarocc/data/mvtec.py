@@ -37,7 +37,8 @@ def _mask_for(image: Path, truth: Path) -> Path | None:
 
 
 def read_split(root: Path, category: str, split: str) -> list[Sample]:
-    """List the samples of one category and split, checking that every defect has a mask."""
+    """List the samples of one category and split; a defective image's mask is
+    ``ground_truth/<defect_type>/<stem>_mask.*`` where one exists, else None (see :func:`missing_masks`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     base = Path(root) / category / split
@@ -52,18 +53,22 @@ def read_split(root: Path, category: str, split: str) -> list[Sample]:
             if kind == NORMAL_TYPE:
                 samples.append(Sample(image, 0))
                 continue
-            truth = Path(root) / category / "ground_truth" / kind
-            mask = _mask_for(image, truth)
-            if mask is None:
-                raise DataError(
-                    f"defective test image {image} has no mask: expected {truth / (image.stem + '_mask.png')}"
-                )
-            samples.append(Sample(image, 1, kind, mask))
+            samples.append(Sample(image, 1, kind, _mask_for(image, Path(root) / category / "ground_truth" / kind)))
     if not samples:
         raise DataError(f"{base} holds no images: category '{category}' is empty")
     if split == "train" and not any(s.label == 0 for s in samples):
         raise DataError(f"{base / NORMAL_TYPE} holds no normal training images")
     return samples
+
+
+def missing_masks(samples: list[Sample]) -> dict[str, int]:
+    """Defective images without a mask, per defect type: a category with any is image-level (its pixel metrics
+    are left out, since those of the masked defect types alone would not describe the category)."""
+    missing: dict[str, int] = {}
+    for s in samples:
+        if s.label == 1 and s.mask_path is None:
+            missing[s.defect_type] = missing.get(s.defect_type, 0) + 1
+    return missing
 
 
 def read_test_folder(test: Path, truth: Path | None = None) -> list[Sample]:

@@ -120,7 +120,7 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
 def pixel_accumulators(store: FeatureStore, models: int, cfg: ScoreConfig) -> list[PixelMetrics]:
     """One pixel-metric accumulator per model for a store's test split, exact while it fits
     ``score.metrics_memory_mb`` (see :func:`pixel_metrics_for`)."""
-    return pixel_metrics_for(map_pixels(store), models, cfg.metrics_memory_mb)
+    return pixel_metrics_for(map_pixels(store), models, cfg.metrics_memory_mb, store.has_masks)
 
 
 def map_pixels(store: FeatureStore) -> int:

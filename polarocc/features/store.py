@@ -229,6 +229,11 @@ class FeatureStore:
         """Per-image metadata of ``split``."""
         return [Sample.from_record(r) for r in self.group[split].attrs["samples"]]
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether every defective test image has a mask (pixel metrics); else the category is image-level."""
+        return all(s.mask_path is not None for s in self.samples("test") if s.label == 1)
+
     def features(self, split: str) -> zarr.Array:
         """The (N, C, H, W) feature array of ``split`` (lazy)."""
         return self.group[split]["features"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from polarocc import layout
 from polarocc.atomic import write_json
-from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths
+from polarocc.config import Params, check_datasets_exist, check_protocol_a_paths, resolve
 from polarocc.data.textures import check_spec
 from polarocc.device import check_device, check_scheduler
 from polarocc.ownership import check_replaceable
@@ -39,6 +39,31 @@ def validate_environment(params: Params, backbone: bool = True) -> None:
                       layout.recorded_outputs(params.root, "prepare"))
     check_datasets_exist(params)
     check_protocol_a_paths(params)
+
+
+def image_level_categories(params: Params) -> dict[str, dict[str, dict[str, int]]]:
+    """Per Protocol B dataset, its categories whose defective test images lack masks (defect type -> images):
+    those report image-level metrics only. The embedded data, not written yet before ``prepare``, is skipped."""
+    from polarocc.data.mvtec import missing_masks, read_split
+
+    generated = resolve(params, params.embedded_data.output).resolve()
+    found: dict[str, dict[str, dict[str, int]]] = {}
+    for name, ds in params.datasets.items():
+        root = resolve(params, ds.path)
+        if root.resolve() == generated and not root.is_dir():
+            continue
+        for category in ds.categories:
+            missing = missing_masks(read_split(root, category, "test"))
+            if missing:
+                found.setdefault(name, {})[category] = missing
+    return found
+
+
+def describe_image_level(found: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    """One line per image-level category, for the terminal."""
+    return [f"{dataset}/{category}: image-level only (no masks for "
+            + ", ".join(f"{n} {kind}" for kind, n in sorted(missing.items())) + " image(s)): pixel metrics left out"
+            for dataset, categories in found.items() for category, missing in categories.items()]
 
 
 def run_validate_backbone(params: Params) -> dict:

@@ -159,9 +159,25 @@ class BinnedPixelMetrics:
         }
 
 
-def pixel_metrics_for(test_pixels: int, models: int, memory_mb: float) -> list[PixelMetrics]:
+class ImageLevelOnly:
+    """The accumulator of a test split whose defects lack masks: it keeps nothing and every pixel metric is None
+    (the results' pixel columns stay empty), so the image-level metrics are computed as for any dataset."""
+
+    def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        """Nothing to compare the maps with."""
+
+    def pixel_auroc(self) -> None:
+        return None
+
+    def result(self) -> dict[str, float | str | None]:
+        return {"pixel_auroc": None, "aupro": None, "pixel_f1_max": None, "pixel_metrics": "none (no masks)"}
+
+
+def pixel_metrics_for(test_pixels: int, models: int, memory_mb: float, masks: bool = True) -> list[PixelMetrics]:
     """One accumulator per model: exact while every model's kept arrays, plus the working memory of computing
-    one model's metrics, fit ``memory_mb``; else binned."""
+    one model's metrics, fit ``memory_mb``; else binned; :class:`ImageLevelOnly` without ``masks``."""
+    if not masks:
+        return [ImageLevelOnly() for _ in range(models)]
     if test_pixels * (models * EXACT_BYTES_KEPT + EXACT_BYTES_COMPUTING) <= memory_mb * 2 ** 20:
         return [ExactPixelMetrics() for _ in range(models)]
     return [BinnedPixelMetrics() for _ in range(models)]
