@@ -239,7 +239,11 @@ def test_stream_quantile_threshold_is_described_as_the_streams(cold, mvtec_tree:
     text = saved.threshold.describe()
     assert saved.threshold.rule == "stream_quantile" and saved.threshold.window == len(saved.normal_scores)
     assert "stream" in text and "training" not in text and "quantile 0.9" in text
-    assert saved.threshold.value == pytest.approx(learner.current_threshold())
+    # Saved from the window's images scored again by the final model (the live threshold used the scores each
+    # image got before its own update).
+    assert saved.normal_scores == pytest.approx(learner.rescored_window())
+    assert saved.normal_scores != pytest.approx(list(learner.window))
+    assert saved.threshold.value == pytest.approx(float(np.quantile(saved.normal_scores, 0.9, method="higher")))
     assert saved.provenance["normal_scores"] == {"source": "stream", "stream": len(saved.normal_scores), "carried": 0}
     # A later `predict --quantile` over the saved window is not called a quantile of training scores either.
     again = choose_threshold(saved, quantile=0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,21 @@ def test_fit_then_predict_on_the_command_line(textures: Path, tmp_path: Path) ->
     normalized = np.array([float(r["normalized_score"]) for r in rows])
     assert np.array_equal(anomalous, normalized > 1)
     assert anomalous[defective].sum() == hit and anomalous[~defective].sum() == false  # predict agrees with fit
+
+
+def test_a_clean_cold_start_stream_saves_a_threshold_that_flags_defects(textures: Path, tmp_path: Path) -> None:
+    # The report behind issue 13: `stream --cold-start --clean ... --quantile 0.99 --save-model` then `predict`
+    # flagged none of the defects, the threshold coming from scores the barely trained model gave early images.
+    brick = textures / "data/textures/brick"
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    subprocess.run([sys.executable, "-m", "polarocc.cli", "stream", str(brick / "train/good"), "--cold-start",
+                    "--clean", "--quantile", "0.99", "--save-model", str(tmp_path / "m.pt"), "--csv",
+                    str(tmp_path / "s/rows.csv"), "--state", str(tmp_path / "s/state.pt"), "-p",
+                    str(tmp_path / "params.yaml")], capture_output=True, text=True, check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "polarocc.cli", "predict", str(tmp_path / "m.pt"), str(brick / "test"),
+                    "-o", str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    with (tmp_path / "out" / "scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    defective = _defective([Path(r["path"]) for r in rows])
+    anomalous = np.array([r["anomalous"] == "True" for r in rows])
+    assert anomalous[defective].mean() >= 0.5, f"{anomalous[defective].sum()} of {defective.sum()} flagged"

@@ -145,6 +145,8 @@ class OnlineLearner:
         self.projector = self.detector.projector_.requires_grad_(True)
         self.optimizer = Adam(self.projector.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.window: deque[float] = deque(artefact.normal_scores[-settings.window:], maxlen=settings.window)
+        # The image behind each window score (None: carried over from the model), to score again at save time.
+        self.window_paths: deque[str | None] = deque([None] * len(self.window), maxlen=settings.window)
         self.initial = len(self.window)  # scores carried over from the model, oldest first in the window
         self.processed = 0
         self.updates = 0
@@ -175,8 +177,9 @@ class OnlineLearner:
         self.updates += 1
         return float(loss.detach())
 
-    def step(self, image: np.ndarray) -> dict[str, Any]:
-        """Score one uint8 RGB image (crop, crop, 3), decide, and learn from it if it is taken as normal."""
+    def step(self, image: np.ndarray, path: Path | None = None) -> dict[str, Any]:
+        """Score one uint8 RGB image (crop, crop, 3), decide, and learn from it if it is taken as normal (``path``:
+        where it was read from, so the saved model's threshold can score it again after the updates)."""
         features = self.detector.features(image[None])
         _, scores = self.detector.score_features(features)
         score = float(scores[0])
@@ -191,13 +194,15 @@ class OnlineLearner:
         if learned:
             self.learn(features)
             self.window.append(score)
+            self.window_paths.append(None if path is None else str(path))
         self.processed += 1
         return {"score": score, "threshold": threshold, "decision": decision, "learned": learned}
 
     def state(self) -> dict[str, Any]:
         """What a resumed run needs."""
         return {"projector": self.projector.state(), "optimizer": self.optimizer.state_dict(),
-                "window": list(self.window), "processed": self.processed, "updates": self.updates}
+                "window": list(self.window), "window_paths": list(self.window_paths), "processed": self.processed,
+                "updates": self.updates}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state`."""
@@ -207,19 +212,42 @@ class OnlineLearner:
                 self.projector.bias.copy_(state["projector"]["bias"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.window = deque(state["window"], maxlen=self.settings.window)
+        paths = state.get("window_paths") or [None] * len(self.window)  # states written before paths were kept
+        self.window_paths = deque(paths[-len(self.window):] if self.window else [], maxlen=self.settings.window)
         self.processed, self.updates = int(state["processed"]), int(state["updates"])
+
+    def rescored_window(self) -> list[float]:
+        """The window's scores by the model as it is now: every image the stream learned from (and can still
+        read) scored again after all the updates; a carried-over score, or an image gone since, keeps its own.
+
+        The prequential scores were each taken before that image's update, the early ones by a barely trained
+        model: a threshold from them sits far above what the final model gives normal images and flags nothing.
+        These are in-sample scores (the model learned from these images), so a quantile of them errs the other
+        way: a few unseen normal images are flagged.
+        """
+        scores = list(self.window)
+        readable = [(i, Path(p)) for i, p in enumerate(self.window_paths) if p is not None and Path(p).is_file()]
+        geometry = self.detector.geometry
+        for start in range(0, len(readable), 16):
+            chunk = readable[start:start + 16]
+            crops = np.stack([load_image(path, geometry) for _, path in chunk])
+            with torch.no_grad():
+                _, fresh = self.detector.score_crops(crops)
+            for (i, _), score in zip(chunk, fresh, strict=True):
+                scores[i] = float(score)
+        return scores
 
     def as_artefact(self) -> ModelArtefact:
         """The model as it is now, as a file for ``polarocc predict``, with the threshold it decides by and a
         true account of it: a fixed ``--threshold`` is rule ``user``; an adaptive ``--quantile`` is rule
         ``stream_quantile`` over the window; otherwise the model's own threshold, unchanged.
 
-        ``normal_scores`` is the window (prequential scores of the images learned from, plus any carried over
-        from the starting model); ``provenance["normal_scores"]`` says so, so a later ``predict --quantile``
-        does not call them training scores.
+        ``normal_scores`` is the window (:meth:`rescored_window`: the images learned from, scored by the final
+        model, plus any carried over from the starting model); ``provenance["normal_scores"]`` says so, so a
+        later ``predict --quantile`` does not call them training scores.
         """
         s = self.settings
-        window = list(self.window)
+        window = self.rescored_window()
         if s.threshold is not None:
             threshold: Threshold | None = Threshold(float(s.threshold), "user")
         elif s.quantile is not None:
@@ -273,6 +301,10 @@ def _check_state(path: Path, state: dict[str, Any]) -> None:
     need(learner, "optimizer", lambda v: isinstance(v, dict), "a dict", "learner.")
     need(learner, "window", lambda v: isinstance(v, list | tuple) and all(
         isinstance(x, int | float) and not isinstance(x, bool) for x in v), "a list of numbers", "learner.")
+    if learner.get("window_paths") is not None:
+        need(learner, "window_paths", lambda v: isinstance(v, list) and len(v) == len(learner["window"]) and all(
+            x is None or isinstance(x, str) for x in v), "a list of paths (or None) as long as the window",
+            "learner.")
     for key in ("processed", "updates"):
         need(learner, key, is_count, "a count", "learner.")
 
@@ -403,7 +435,7 @@ def run_stream(learner: OnlineLearner, images: list[Path], csv_path: Path, state
         if start == 0:
             checkpoint()
         for index in range(start, len(images)):
-            row = learner.step(load_image(images[index], geometry))
+            row = learner.step(load_image(images[index], geometry), images[index])
             inputs.add(images[index])
             threshold = "" if row["threshold"] is None else repr(float(row["threshold"]))
             writer.writerow([index, str(images[index]), repr(row["score"]), threshold, row["decision"],

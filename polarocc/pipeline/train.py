@@ -49,7 +49,7 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
     # one category (stored statistics read from disk are the same bits as held ones).
     small = params.train.trainer == "gram" and all(
         step_threads(store, params.train, len(distributions), device) == 1 for *_, store in jobs)
-    workers = min(os.cpu_count() or 1, len(jobs)) if small else 1
+    workers = max(1, min(os.cpu_count() or 1, len(jobs))) if small else 1
     cfg = params.train if workers == 1 else replace(
         params.train, stats_memory_mb=max(1, params.train.stats_memory_mb // workers))
     threads = 1 if workers > 1 else None
