@@ -62,9 +62,14 @@ def reports(params: Params) -> Path:
     return params.root / REPORTS
 
 
+def deploy_dir(params: Params) -> Path:
+    """The ``export`` stage's output folder: one model file per Protocol B category."""
+    return params.root / MODELS / "deploy"
+
+
 def deploy_model(params: Params, dataset: str, category: str) -> Path:
     """The saved model of the default center variant (the output of ``export``), for ``polarocc predict``."""
-    return params.root / MODELS / "deploy" / dataset / f"{file_stem(category)}.pt"
+    return deploy_dir(params) / dataset / f"{file_stem(category)}.pt"
 
 
 def online_model(params: Params, dataset: str, category: str) -> Path:

@@ -173,7 +173,8 @@ def test_predict_writes_scores_maps_and_overlays(model_path: Path, mvtec_tree: P
     overlay = tmp_path / "out" / table["overlay"][0]
     from PIL import Image
 
-    assert Image.open(overlay).size == (3 * 64, 64 + 22)
+    width, height = Image.open(overlay).size
+    assert width > 3 * 64 and height > 64  # image | heat map and colour bar | prediction, titled (no mask)
 
 
 def test_predict_stops_on_a_bad_image_before_scoring(model_path: Path, mvtec_tree: Path, tmp_path: Path,

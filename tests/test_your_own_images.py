@@ -40,6 +40,15 @@ def _defective(paths: list[Path]) -> np.ndarray:
     return np.array([p.parent.name != "good" for p in paths])
 
 
+def _predict(model: Path, folder: Path, out: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """`polarocc predict` on ``folder``: (defective, anomalous) flags per image and the scores.csv rows."""
+    subprocess.run([sys.executable, "-m", "polarocc.cli", "predict", str(model), str(folder), "-o", str(out)],
+                   capture_output=True, text=True, check=True)
+    with (out / "scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    return _defective([Path(r["path"]) for r in rows]), np.array([r["anomalous"] == "True" for r in rows]), rows
+
+
 def test_the_readme_notebook_example_runs_and_flags_the_defects(textures: Path, monkeypatch) -> None:
     monkeypatch.chdir(textures)
     namespace: dict = {}
@@ -66,12 +75,7 @@ def test_fit_then_predict_on_the_command_line(textures: Path, tmp_path: Path) ->
     flagged = re.search(r"(\d+) of (\d+) defective and (\d+) of (\d+) good images flagged", fitted)
     hit, defects, false, good = map(int, flagged.groups())
     assert hit >= 0.8 * defects and false <= 0.2 * good
-    subprocess.run([sys.executable, "-m", "polarocc.cli", "predict", str(tmp_path / "m.pt"), str(brick / "test"),
-                    "-o", str(tmp_path / "out")], capture_output=True, text=True, check=True)
-    with (tmp_path / "out" / "scores.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    defective = _defective([Path(r["path"]) for r in rows])
-    anomalous = np.array([r["anomalous"] == "True" for r in rows])
+    defective, anomalous, rows = _predict(tmp_path / "m.pt", brick / "test", tmp_path / "out")
     normalized = np.array([float(r["normalized_score"]) for r in rows])
     assert np.array_equal(anomalous, normalized > 1)
     assert anomalous[defective].sum() == hit and anomalous[~defective].sum() == false  # predict agrees with fit
@@ -86,10 +90,5 @@ def test_a_clean_cold_start_stream_saves_a_threshold_that_flags_defects(textures
                     "--clean", "--quantile", "0.99", "--save-model", str(tmp_path / "m.pt"), "--csv",
                     str(tmp_path / "s/rows.csv"), "--state", str(tmp_path / "s/state.pt"), "-p",
                     str(tmp_path / "params.yaml")], capture_output=True, text=True, check=True, cwd=tmp_path)
-    subprocess.run([sys.executable, "-m", "polarocc.cli", "predict", str(tmp_path / "m.pt"), str(brick / "test"),
-                    "-o", str(tmp_path / "out")], capture_output=True, text=True, check=True)
-    with (tmp_path / "out" / "scores.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    defective = _defective([Path(r["path"]) for r in rows])
-    anomalous = np.array([r["anomalous"] == "True" for r in rows])
+    defective, anomalous, _ = _predict(tmp_path / "m.pt", brick / "test", tmp_path / "out")
     assert anomalous[defective].mean() >= 0.5, f"{anomalous[defective].sum()} of {defective.sum()} flagged"

@@ -67,6 +67,7 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
     check_replaceable(out, "--out", "predict")
     check_files([Sample(p, 0) for p in images], progress)  # a bad file stops the run by name, before scoring
     names = output_names(images)
+    model = detector.artefact  # its map_scale (or, in older files, normal scores) sets the overlays' colours
 
     def build(folder: Path) -> None:
         rows: list[list[object]] = []
@@ -80,7 +81,8 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
                     if write_maps:
                         map_file, overlay_file = f"maps/{stem}.npy", f"overlays/{stem}.png"
                         save_npy(folder / map_file, anomaly_map.astype(np.float32))
-                        save_overlay(folder / overlay_file, image, anomaly_map, threshold.value, float(score))
+                        save_overlay(folder / overlay_file, image, anomaly_map, threshold.value, float(score),
+                                     map_scale=model.map_scale, normal_scores=model.normal_scores)
                     rows.append([str(path), repr(float(score)), repr(threshold.value),
                                  repr(normalized(float(score), threshold.value)), bool(score > threshold.value),
                                  map_file, overlay_file])

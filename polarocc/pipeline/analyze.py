@@ -133,7 +133,8 @@ def tsne_inputs(params: Params, dataset: str) -> tuple[str, dict[str, np.ndarray
 
 def overlays(params: Params, dataset: str, category: str) -> None:
     """Overlays of the default model on a fixed selection: the first image of each defect type (sorted),
-    then the first good image, ``analysis.overlays_per_category`` in all."""
+    then the first good image, ``analysis.overlays_per_category`` in all, coloured on the model's normal-map
+    scale, with the test masks as ground truth."""
     store = FeatureStore(layout.feature_store(params, dataset, category))
     artefact = load_artefact(layout.deploy_model(params, dataset, category))
     samples = store.samples("test")
@@ -150,8 +151,11 @@ def overlays(params: Params, dataset: str, category: str) -> None:
     geometry = Geometry(**artefact.geometry)
     images = [load_image(samples[i].path, geometry) for i in picks]
     titles = [f"{samples[i].defect_type}/{samples[i].path.name}" for i in picks]
+    # Ground truth where the category has it (a good image's empty mask included); an image-level category none.
+    masks = [store.masks(slice(i, i + 1))[0] for i in picks] if store.has_masks else None
     overlay_grid(images, list(maps.float().numpy()), [float(v) for v in scores], artefact.threshold.value, titles,
-                 layout.overlay_plot(params, dataset, category))
+                 layout.overlay_plot(params, dataset, category), map_scale=artefact.map_scale,
+                 normal_scores=artefact.normal_scores, masks=masks)
 
 
 def run_analyze(params: Params, progress: bool = True) -> dict:

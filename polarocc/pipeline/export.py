@@ -67,6 +67,7 @@ def run_export(params: Params, progress: bool = True) -> list[Path]:
     """Save the default center variant of every Protocol B category."""
     device = pick_device(params.score.device, "score.device")
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
+    layout.deploy_dir(params).mkdir(parents=True, exist_ok=True)  # the stage's output, empty without Protocol B
     return [export_variant(params, params.center.norm, params.center.distribution, dataset, category,
                            device=device)
             for dataset, category in tqdm(jobs, desc="export", unit="model", disable=not progress)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from polarocc.atomic import save_figure, save_image
 from polarocc.deploy.overlay import overlay_panels
@@ -24,14 +25,16 @@ def _save(fig, out: Path) -> Path:
 
 
 def overlay_grid(images: list[np.ndarray], maps: list[np.ndarray], scores: list[float], threshold: float,
-                 titles: list[str], out: Path) -> Path:
-    """One row per image: image | heat map | predicted region (see :mod:`polarocc.deploy.overlay`)."""
-    rows = [overlay_panels(im, m, threshold, s) for im, m, s in zip(images, maps, scores, strict=True)]
-    width, height = rows[0].size
+                 titles: list[str], out: Path, *, map_scale: Sequence[float] | None = None,
+                 normal_scores: Sequence[float] = (), masks: list[np.ndarray | None] | None = None) -> Path:
+    """One titled row per image: image | heat map and colour bar | ground truth (where ``masks`` gives one) |
+    predicted region, every row on the model's colour scale ``map_scale`` (see :mod:`polarocc.deploy.overlay`)."""
+    masks = masks if masks is not None else [None] * len(images)
+    rows = [overlay_panels(im, m, threshold, s, map_scale=map_scale, normal_scores=normal_scores, mask=k)
+            for im, m, s, k in zip(images, maps, scores, masks, strict=True)]
+    width, height = max(row.width for row in rows), max(row.height for row in rows)
     label = 16
     canvas = Image.new("RGB", (width, (height + label) * len(rows)), "white")
-    from PIL import ImageDraw
-
     draw = ImageDraw.Draw(canvas)
     for i, (row, title) in enumerate(zip(rows, titles, strict=True)):
         top = i * (height + label)
@@ -58,9 +61,20 @@ def tsne_plot(projected: dict[str, np.ndarray], anomalous: np.ndarray, title: st
     return _save(fig, out)
 
 
+def nothing_to_plot(out: Path, message: str) -> Path:
+    """A small figure that says why it is empty (the stage's output exists whatever the params declare)."""
+    fig, ax = plt.subplots(figsize=(5, 1.2))
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10)
+    return _save(fig, out)
+
+
 def category_sweep_plot(table: pl.DataFrame, out: Path, metric: str = "image_auroc") -> Path:
     """``metric`` against the center norm, one panel per dataset category, a line per distribution."""
+    table = table.filter(pl.col(metric).is_not_null())
     keys = table.select(["dataset", "category"]).unique(maintain_order=True).rows()
+    if not keys:
+        return nothing_to_plot(out, f"no {metric.replace('_', ' ')} to plot (no dataset has one)")
     cols = 4
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), squeeze=False)
