@@ -411,8 +411,8 @@ def make_plan(params: Params, shape: BackboneShape | None = None) -> RunPlan:
             "existing_features": existing, "fits": needed <= free}
     b_sets = [d for d in datasets if d.protocol == "B"]
     a_sets = [d for d in datasets if d.protocol == "A"]
-    max_train = max(d.max_train for d in b_sets)
-    max_test = max(d.max_test for d in b_sets)
+    max_train = max((d.max_train for d in b_sets), default=0)  # 0: only Protocol A datasets are declared
+    max_test = max((d.max_test for d in b_sets), default=0)
     a_images = max((d.train + d.test for d in a_sets), default=0)
     total = total_memory()
     memory = {"total": total, "extract": extract_memory(params, shape, store_layout),

@@ -119,6 +119,14 @@ def test_embedded_counts_come_from_params_until_generated(params_dict: dict, mvt
     assert (generated.train, generated.test, generated.bytes) == (textures.train, textures.test, textures.bytes)
 
 
+def test_a_run_with_only_protocol_a_datasets_is_planned(params_dict: dict, tmp_path: Path) -> None:
+    raw = copy.deepcopy(params_dict)
+    raw["datasets"], raw["protocol_c"]["datasets"] = {}, []
+    plan = make_plan(load_params(write_params(raw, tmp_path)))
+    assert [d.protocol for d in plan.datasets] == ["A"]
+    assert plan.memory["train"] > 0 and plan.memory["score"] > 0
+
+
 def test_dvc_cache_counts_copies_but_not_links(params_dict: dict, mvtec_tree: Path, tmp_path: Path) -> None:
     from dvc.repo import Repo
 

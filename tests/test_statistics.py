@@ -26,6 +26,7 @@ from polarocc.features.store import FeatureStore, read_rows
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
 from polarocc.pipeline.extract import run_extract
+from polarocc.training.direct import train_direct
 from polarocc.training.gram import train_gram, train_lockstep
 from polarocc.training.statistics import StoredStatistics, StreamedStatistics, gram_of
 
@@ -69,6 +70,31 @@ def test_stored_streamed_and_direct_give_the_same_weights(extracted_project: Pat
             assert _relative(trained.weight, w_direct.weight) <= 1e-10
             assert _relative(trained.bias, w_direct.bias) <= 1e-10
         np.testing.assert_allclose(h_streamed.loss, h_direct.loss, rtol=1e-10)
+
+
+def test_training_on_part_of_a_store_equals_training_on_those_images_alone(extracted_project: Path,
+                                                                          tmp_path: Path) -> None:
+    # What export does for its held-out calibration: the same rows through stored statistics, streamed ones, and
+    # the direct trainer on exactly those features in memory.
+    stored_params = _project(extracted_project, tmp_path, STORED)
+    streamed_params = _project(extracted_project, tmp_path, STREAMED)
+    rows = np.array([0, 2, 3, 5])
+    stored_store = FeatureStore(layout.feature_store(stored_params, "mine", "brick"))
+    streamed_store = FeatureStore(layout.feature_store(streamed_params, "mine", "brick"))
+    distributions = ("normal", "feature_mean")
+    stored = fit_store(stored_store, stored_params, 1.0, distributions, rows=rows)
+    streamed = fit_store(streamed_store, streamed_params, 1.0, distributions, rows=rows)
+    own = stored_store.features("train")[:][rows]
+    cfg = replace(stored_params.train, trainer="direct")
+    for d in distributions:
+        (w_stored, c_stored, h_stored), (w_streamed, _, h_streamed) = stored[d], streamed[d]
+        assert "statistics stored" in h_stored.notes and "statistics streamed" in h_streamed.notes
+        reference = Projector(w_stored.channels, seed=cfg.seed, dtype=torch.float64)
+        train_direct(reference, c_stored, lambda idx: own[np.sort(idx)], len(own), cfg)
+        for trained in (w_stored, w_streamed):
+            assert _relative(trained.weight, reference.weight) <= 1e-10
+    mean = own.astype(np.float64).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(stored["feature_mean"][1].numpy(), mean / np.linalg.norm(mean), rtol=1e-6)
 
 
 def test_stored_statistics_requested_of_a_streamed_store_is_a_clear_error(extracted_project: Path,

@@ -40,18 +40,19 @@ def step_threads(store: FeatureStore, cfg: TrainConfig, variants: int, device: s
 
 
 def training_features(store: FeatureStore, rows: np.ndarray | None = None) -> TrainingFeatures:
-    """A store's training split as the trainers read it; with ``rows``, only those training images (ascending),
-    their statistics formed as they are read (stored per-image statistics cover the whole split)."""
-    if rows is not None:
-        subset = RowSubset(store.features("train"), rows)
-        step = int(store.features("train").shards[0])
-        return TrainingFeatures(subset, store.group["train/sums"][:][subset.rows],
-                                lambda: (subset[i:i + step] for i in range(0, len(subset), step)),
-                                f"{store.path} ({len(subset)} of its training images)")
-    stored = store.gram_stats if store.has_stored_statistics else None
-    return TrainingFeatures(store.features("train"), store.group["train/sums"][:],
-                            lambda: (f for _, f in store.batches("train")), str(store.path), stored,
-                            store.gram_total if store.has_stored_statistics else None)
+    """A store's training split as the trainers read it; with ``rows`` (ascending), only those training images."""
+    has = store.has_stored_statistics
+    if rows is None:
+        return TrainingFeatures(store.features("train"), store.group["train/sums"][:],
+                                lambda: (f for _, f in store.batches("train")), str(store.path),
+                                store.gram_stats if has else None, store.gram_total if has else None)
+    subset = RowSubset(store.features("train"), rows)
+    step = int(store.features("train").shards[0])
+    return TrainingFeatures(subset, store.group["train/sums"][:][subset.rows],
+                            lambda: (subset[i:i + step] for i in range(0, len(subset), step)),
+                            f"{store.path} ({len(subset)} of its training images)",
+                            (lambda memory: store.gram_stats(memory, subset.rows)) if has else None,
+                            (lambda: store.gram_total(subset.rows)) if has else None)
 
 
 def fit_store(store: FeatureStore, params: Params, norm: float, distributions: tuple[str, ...],
@@ -66,7 +67,7 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
     """
     cfg = cfg or params.train
     device = device or pick_device(cfg.device, "train.device")
-    mode = statistics_mode(store, cfg) if rows is None else STREAMED
+    mode = statistics_mode(store, cfg)
     if cfg.trainer == "gram" and mode == STORED and not store.has_stored_statistics:
         raise MissingOutputError(f"train.statistics is 'stored' but {store.path} was extracted without per-image "
                                  "statistics; rerun the extract stage (dvc repro) or set train.statistics to streamed")

@@ -251,17 +251,22 @@ class FeatureStore:
         """Whether per-image Gram matrices were stored at extraction (``train.statistics`` stored)."""
         return "gram" in self.group["train"]
 
-    def gram_stats(self, memory_bytes: float = float("inf")) -> tuple[np.ndarray | zarr.Array, np.ndarray]:
-        """Per-image Gram matrices (N, C, C) and sums (N, C) of the training split; the Gram matrices stay
-        on disk (a lazy zarr array) when they would take more than ``memory_bytes``."""
-        gram = self.group["train/gram"]
-        in_memory = gram.nbytes <= memory_bytes
-        return (gram[:] if in_memory else gram), self.group["train/sums"][:]
+    def gram_stats(self, memory_bytes: float = float("inf"), rows: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray | zarr.Array | RowSubset, np.ndarray]:
+        """Per-image Gram matrices (N, C, C) and sums (N, C) of the training split (only ``rows``, ascending, when
+        given); the Gram matrices stay on disk (read on demand) when they would take more than ``memory_bytes``."""
+        gram, sums = self.group["train/gram"], self.group["train/sums"][:]
+        if rows is not None:
+            gram, sums = RowSubset(gram, rows), sums[rows]
+        in_memory = int(np.prod(gram.shape)) * 8 <= memory_bytes
+        return (gram[:] if in_memory else gram), sums
 
-    def gram_total(self) -> np.ndarray:
-        """Sum of every training image's Gram matrix (C, C), read one shard at a time."""
+    def gram_total(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Sum of the training images' Gram matrices (C, C) (only ``rows`` when given), a shard at a time."""
         gram = self.group["train/gram"]
         size = int(gram.chunks[0])
+        if rows is not None:
+            gram = RowSubset(gram, rows)
         total = np.zeros(gram.shape[1:], dtype=np.float64)
         for start in range(0, gram.shape[0], size):
             total += gram[start:start + size].sum(0)
