@@ -246,15 +246,15 @@ def bench_cluster(params, category: str = "brick", workers: int = 2) -> dict:
     b, e = params.backbone, params.extract
     extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
     spec = extractor.spec(b.crop)
-    layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images, e.compressor,
-                            e.level)
+    store_layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
+                                  e.compressor, e.level)
     samples = read_category(layout.dataset_root(params, "textures"), category, check=False, progress=False)
     count = sum(len(v) for v in samples.values())
     backbone = {"name": b.name}
     with tempfile.TemporaryDirectory() as tmp:
         runner = CategoryExtractor(extractor, Geometry(b.resize, b.crop), e.batch_size, e.dtype)
         start = time.perf_counter()
-        extract_category(runner, samples, layout, backbone, Path(tmp) / "a.zarr", Path(tmp) / "pa.zarr",
+        extract_category(runner, samples, store_layout, backbone, Path(tmp) / "a.zarr", Path(tmp) / "pa.zarr",
                          progress=False)
         inprocess = time.perf_counter() - start
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -267,7 +267,7 @@ def bench_cluster(params, category: str = "brick", workers: int = 2) -> dict:
         client.run(worker_runner, worker_spec)  # build each worker's backbone before timing
         startup = time.perf_counter() - start
         start = time.perf_counter()
-        extract_category_distributed(client, worker_spec, samples, layout, backbone, Path(tmp) / "b.zarr",
+        extract_category_distributed(client, worker_spec, samples, store_layout, backbone, Path(tmp) / "b.zarr",
                                      Path(tmp) / "pb.zarr", progress=False)
         cluster = time.perf_counter() - start
         local_cluster = client.cluster

@@ -213,9 +213,15 @@ def fit(
     if masks is not None and test is None:
         raise ConfigError("--masks needs --test (the images the masks belong to)")
     if test is not None:
-        from polarocc.data.mvtec import read_test_folder
+        from polarocc.data.mvtec import check_files, missing_masks, read_test_folder
 
-        samples = read_test_folder(test, masks)  # checked before training, so a bad folder costs nothing
+        samples = read_test_folder(test, masks)
+        check_files(samples)  # a bad test image or a mask of another size stops it now, not after training
+        missing = missing_masks(samples)
+        if masks is not None and missing:
+            typer.echo(f"warning: no mask in {masks} for " + ", ".join(f"{n} {kind}" for kind, n in
+                       sorted(missing.items())) + " image(s) (expected <defect_type>/<name>_mask.png): "
+                       "pixel metrics are left out", err=True)
     check_model_target(out)
     detector = Detector(backbone=backbone, weights=weights, resize=resize, crop=crop, epochs=epochs,
                         holdout=holdout, quantile=quantile, device=device).fit(good)

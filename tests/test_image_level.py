@@ -53,3 +53,17 @@ def test_protocol_b_without_masks_reports_image_metrics_and_empty_pixel_columns(
         assert metrics["pixel_metrics"] == "none (no masks)"
     online = run_online(params, "plain", progress=False)
     assert online["brick"]["pixel_auroc"] is None and online["brick"]["curve"][-1]["pixel_auroc"] is None
+
+
+def test_a_dataset_mean_leaves_out_a_metric_some_categories_lack() -> None:
+    import polars as pl
+
+    from polarocc.reports.tables import METRICS, sweep_means
+
+    rows = [{"method": "ours", "protocol": "B", "dataset": "mixed", "distribution": "normal", "norm": 1.0,
+             **dict.fromkeys(METRICS)} for _ in range(2)]
+    rows[0].update(image_auroc=0.8, pixel_auroc=0.95)  # masked category
+    rows[1].update(image_auroc=0.9)  # image-level category
+    means = sweep_means(pl.DataFrame(rows, schema_overrides=dict.fromkeys(METRICS, pl.Float64)))
+    assert means["image_auroc"].item() == pytest.approx(0.85) and means["categories"].item() == 2
+    assert means["pixel_auroc"].item() is None  # not 0.95, the masked category's alone

@@ -41,12 +41,21 @@ def _module_name(path: Path) -> str:
     return name.removesuffix(".__init__")
 
 
+def _is_module(name: str) -> bool:
+    base = ROOT.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file() or base.is_dir()
+
+
 def imports(path: Path) -> set[str]:
     """The polarocc modules ``path`` imports, at any depth (lazy imports inside functions too)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "polarocc":
-            found |= {f"polarocc.{a.name}" for a in node.names} if node.module == "polarocc" else {node.module}
+            # `from polarocc.pipeline import train` imports the module polarocc.pipeline.train; a name that is not
+            # a module (a function, a class) counts as its module's import
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                found.add(name if _is_module(name) else node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "polarocc"}
     return found
@@ -88,9 +97,13 @@ def test_the_check_finds_a_climb_and_a_stage_import(tmp_path: Path, monkeypatch)
     (package / "pipeline").mkdir()
     (package / "models" / "bad.py").write_text("def f():\n    from polarocc.deploy import predict\n")
     (package / "pipeline" / "score.py").write_text("from polarocc.pipeline.train import fit\n")
+    (package / "pipeline" / "export.py").write_text("from polarocc.pipeline import score\n")
+    (package / "deploy").mkdir()
+    (package / "deploy" / "predict.py").write_text("")
     (package / "pipeline" / "train.py").write_text("from polarocc import layout\n")
     monkeypatch.setattr("tests.test_layers.ROOT", tmp_path)
     assert violations(package) == [
-        "polarocc.models.bad imports polarocc.deploy (row 12 above its row 4)",
+        "polarocc.models.bad imports polarocc.deploy.predict (row 12 above its row 4)",
+        "stage module polarocc.pipeline.export imports stage module polarocc.pipeline.score",
         "stage module polarocc.pipeline.score imports stage module polarocc.pipeline.train",
     ]

@@ -135,3 +135,27 @@ def test_score_stage_streams_pixel_metrics_in_bounded_memory(extracted_project, 
             assert b["polar"] == e["polar"]
             assert abs(b["pixel_auroc"] - e["pixel_auroc"]) <= b["pixel_auroc_tie_bound"] < 1e-3
             assert b["aupro"] == pytest.approx(e["aupro"], abs=1e-3)
+
+
+def test_exact_metrics_take_images_of_different_sizes() -> None:
+    # `polarocc fit --test` scores each image at its own size; the metrics read all pixels as one list.
+    rng = np.random.default_rng(3)
+    shapes = [(20, 30), (25, 16), (20, 30)]
+    maps = [rng.random(shape).astype(np.float32) for shape in shapes]
+    masks = [np.zeros(shape, dtype=bool) for shape in shapes]
+    masks[0][2:6, 3:9] = masks[1][10:14, 4:8] = True
+    for m, k in zip(maps, masks, strict=True):
+        m[k] += 0.5
+    mixed = ExactPixelMetrics()
+    for m, k in zip(maps, masks, strict=True):
+        mixed.add(m[None], k[None])
+    flat_maps = np.concatenate([m.ravel() for m in maps])
+    flat_masks = np.concatenate([k.ravel() for k in masks])
+    result = mixed.result()
+    assert result["pixel_auroc"] == pytest.approx(pixel_auroc(flat_masks, flat_maps), abs=1e-12)
+    same = ExactPixelMetrics()  # the first and last images again, as one same-size batch
+    same.add(np.stack([maps[0], maps[2]]), np.stack([masks[0], masks[2]]))
+    alone = ExactPixelMetrics()
+    alone.add(maps[0][None], masks[0][None])
+    alone.add(maps[2][None], masks[2][None])
+    assert same.result() == alone.result()

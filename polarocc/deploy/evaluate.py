@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from polarocc.data.images import open_image
-from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.detector.detector import Detector
 from polarocc.scoring.metrics import f1_max, image_auroc
@@ -21,10 +20,10 @@ def _mask(sample: Sample, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(open_image(sample.mask_path).convert("L")) > 0
 
 
-def evaluate(detector: Detector, samples: list[Sample], progress: bool = True) -> dict[str, float | int | None]:
-    """Metrics of ``detector`` on labelled ``samples`` (label 1 = defective) and how many of each kind its
-    threshold flags. Pixel metrics are None unless every defective image has a mask."""
-    check_files(samples, progress)  # a bad image, or a mask of another size than its image, stops it by name
+def evaluate(detector: Detector, samples: list[Sample]) -> dict[str, float | int | None]:
+    """Metrics of ``detector`` on labelled ``samples`` (label 1 = defective; checked beforehand with
+    :func:`polarocc.data.mvtec.check_files`) and how many of each kind its threshold flags. Pixel metrics are None
+    unless every defective image has a mask; images may differ in size."""
     labels = np.array([s.label for s in samples])
     pixel_level = all(s.mask_path is not None for s in samples if s.label == 1)
     scores, maps = detector.score_and_maps([s.path for s in samples], maps=pixel_level)

@@ -18,6 +18,7 @@ from polarocc.deploy.overlay import save_overlay
 from polarocc.detector.artefact import ModelArtefact, Threshold
 from polarocc.detector.detector import Detector
 from polarocc.detector.threshold import (
+    holdout_quantile_threshold,
     quantile_threshold,
     radius_threshold,
     stream_quantile_threshold,
@@ -31,8 +32,9 @@ COLUMNS = ["path", "score", "threshold", "normalized_score", "anomalous", "map",
 
 def choose_threshold(artefact: ModelArtefact, value: float | None = None, quantile: float | None = None,
                      radius: bool = False) -> Threshold:
-    """The decision threshold: given ``value``, a ``quantile`` of the model's normal scores (its training images',
-    or a stream model's window), the paper's radius rule, or (none given) the threshold saved with the model."""
+    """The decision threshold: given ``value``, a ``quantile`` of the model's normal scores (its held-out or
+    training images', or a stream model's window), the paper's radius rule, or (none given) the threshold saved
+    with the model."""
     if sum(x is not None and x is not False for x in (value, quantile, radius)) > 1:
         raise ConfigError("give at most one of --threshold, --quantile and --radius-threshold")
     if value is not None:
@@ -41,6 +43,8 @@ def choose_threshold(artefact: ModelArtefact, value: float | None = None, quanti
         origin = artefact.normal_scores_origin()
         if origin is not None and origin.get("source") == "stream":  # a stream model's window, not training scores
             return stream_quantile_threshold(artefact.normal_scores, quantile, int(origin.get("carried", 0)))
+        if origin is not None and origin.get("source") == "holdout":  # images held out of the model's training
+            return holdout_quantile_threshold(artefact.normal_scores, quantile)
         return quantile_threshold(artefact.normal_scores, quantile)
     if radius:
         return radius_threshold(float(artefact.train.get("radius", 1e-5)), bool(artefact.score["squared"]))

@@ -11,6 +11,7 @@ import warnings
 from polarocc import layout
 from polarocc.atomic import write_json
 from polarocc.config import Params, check_datasets_exist
+from polarocc.data.mvtec import missing_masks
 from polarocc.detector import protocol_a
 from polarocc.errors import ConfigError, DataError
 from polarocc.features.extract import read_category
@@ -38,11 +39,17 @@ def run_check(params: Params, dataset: str, progress: bool = True) -> dict:
             missing = "normal (test/good)" if not normal else "defective (test/<defect type>)"
             raise DataError(f"datasets.{dataset} category {category}: {root / category / 'test'} holds no {missing} "
                             "test images; image and pixel ROC AUC need both good and defective test images")
+        unmasked = missing_masks(samples["test"])
+        if unmasked:
+            print(f"note: datasets.{dataset} category {category} is image-level: no mask for "
+                  + ", ".join(f"{n} {kind}" for kind, n in sorted(unmasked.items()))
+                  + " test image(s) (ground_truth/<defect_type>/<name>_mask.png); its pixel metrics are left out")
         summary[category] = {
             "train": len(samples["train"]),
             "test": len(samples["test"]),
             "test_anomalous": anomalous,
             "warnings": [str(w.message) for w in caught],
+            **({"image_level": unmasked} if unmasked else {}),
         }
     return _write(params, dataset, summary)
 

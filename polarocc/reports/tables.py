@@ -90,10 +90,12 @@ def read_results(path: Path) -> pl.DataFrame:
 
 
 def sweep_means(table: pl.DataFrame) -> pl.DataFrame:
-    """Mean metrics over categories per method, protocol, dataset, distribution and norm."""
+    """Mean metrics over categories per method, protocol, dataset, distribution and norm. A metric some
+    categories lack (pixel metrics of image-level categories) has no mean: a mean over the others alone would be
+    reported as the dataset's."""
     keys = ["method", "protocol", "dataset", "distribution", "norm"]
-    return (table.group_by(keys).agg(*[pl.col(k).mean() for k in METRICS], pl.len().alias("categories"))
-            .sort(keys, nulls_last=True))
+    means = [pl.when(pl.col(k).null_count() == 0).then(pl.col(k).mean()).otherwise(None).alias(k) for k in METRICS]
+    return (table.group_by(keys).agg(*means, pl.len().alias("categories")).sort(keys, nulls_last=True))
 
 
 def headline_metrics(table: pl.DataFrame, params: Params) -> dict:

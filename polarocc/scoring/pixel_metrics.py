@@ -61,10 +61,11 @@ class ExactPixelMetrics:
     def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
         maps, masks = _check_batch(maps, masks)
         regions = connected_regions(masks)
-        self.regions.append(np.where(regions > 0, regions + self.region_count, 0).astype(np.int32))
+        # Kept flat: every metric reads the pixels as one list, and images of different sizes can then be added.
+        self.regions.append(np.where(regions > 0, regions + self.region_count, 0).astype(np.int32).ravel())
         self.region_count += int(regions.max(initial=0))
-        self.maps.append(maps)
-        self.masks.append(masks)
+        self.maps.append(maps.ravel())
+        self.masks.append(masks.ravel())
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.maps:
