@@ -2,10 +2,10 @@
 
 Two workloads, each the train stage's own code on the real feature stores:
 
-* ``B``: :func:`polarocc.pipeline.train.fit_store` of every category of the embedded ``textures`` dataset,
+* ``B``: :func:`polarocc.detector.stores.fit_store` of every category of the embedded ``textures`` dataset,
   every center distribution in lockstep (Lite0 layers 1-3: 176 channels; data/features/textures);
 * ``B1``: ``B`` with fit_store's radius certificate run on the lockstep's torch threads (as it stands it runs on
-  every core, outside fit_store's ``torch_threads`` block): the effect of that change to polarocc/pipeline/train.py;
+  every core, outside fit_store's ``torch_threads`` block): the effect of that change to polarocc/training/fit.py;
 * ``A``: :func:`polarocc.detector.protocol_a.fit_all` (every digit class x distribution, 1280 pooled channels;
   data/features/digits).
 

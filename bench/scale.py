@@ -96,9 +96,10 @@ def child(stage: str, project: Path) -> None:
             run_extract(params, DATASET, progress=True, check_files=False)  # as stages/extract.py after `check`
         elif stage == "train":
             import polarocc.pipeline.train as train_stage
+            import polarocc.training.fit as fitting  # where the train stage's lockstep runs
 
             loop = [0.0]
-            lockstep = train_stage.train_lockstep
+            lockstep = fitting.train_lockstep
 
             def timed(*args: Any, **kwargs: Any) -> Any:  # the epochs alone, to extrapolate to more of them
                 began = time.perf_counter()
@@ -107,7 +108,7 @@ def child(stage: str, project: Path) -> None:
                 finally:
                     loop[0] += time.perf_counter() - began
 
-            train_stage.train_lockstep = timed
+            fitting.train_lockstep = timed
             start = time.perf_counter()
             histories = train_stage.run_train(params, NORM, progress=True)
             fits = [h[DATASET][CATEGORY] for h in histories.values()]
