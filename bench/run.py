@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 from bench.reporting import write_results  # noqa: E402
 from polarocc import layout  # noqa: E402
 from polarocc.config import TrainConfig, load_params  # noqa: E402
-from polarocc.data.images import Geometry  # noqa: E402
 from polarocc.detector.stores import fit_store  # noqa: E402
 from polarocc.features import store as fs  # noqa: E402
 from polarocc.features.extract import (  # noqa: E402
@@ -64,14 +63,14 @@ def bench_extraction(params, category: str = "brick", repeat: int = 3) -> dict:
     b, e = params.backbone, params.extract
     extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
     device = pick_device(e.device, "extract.device")
-    geometry = Geometry(b.resize, b.crop)
+    geometry = b.geometry().resolve()
     samples = read_category(layout.dataset_root(params, "textures"), category)
     runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype, device)
     everything = samples["train"] + samples["test"]
-    spec = extractor.spec(b.crop)
+    spec = extractor.spec(geometry.size)
     stage_mode = resolve_statistics(params.train.statistics, spec.channels, spec.height, spec.width, e.dtype)
     modes = [stage_mode] + [m for m in (STORED, STREAMED) if m != stage_mode]
-    layouts = {m: fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
+    layouts = {m: fs.StoreLayout(spec.channels, spec.height, spec.width, geometry.size[0], e.dtype, e.shard_images,
                                  e.compressor, e.level, stored_statistics=m == STORED) for m in modes}
 
     def seconds(fn, repeat: int = 3) -> float:
@@ -245,20 +244,21 @@ def bench_cluster(params, category: str = "brick", workers: int = 2) -> dict:
 
     b, e = params.backbone, params.extract
     extractor = build_extractor(b.name, b.layers, b.pool, b.weights, b.mean, b.std)
-    spec = extractor.spec(b.crop)
-    store_layout = fs.StoreLayout(spec.channels, spec.height, spec.width, b.crop, e.dtype, e.shard_images,
+    geometry = b.geometry().resolve()
+    spec = extractor.spec(geometry.size)
+    store_layout = fs.StoreLayout(spec.channels, spec.height, spec.width, geometry.size[0], e.dtype, e.shard_images,
                                   e.compressor, e.level)
     samples = read_category(layout.dataset_root(params, "textures"), category, check=False, progress=False)
     count = sum(len(v) for v in samples.values())
     backbone = {"name": b.name}
     with tempfile.TemporaryDirectory() as tmp:
-        runner = CategoryExtractor(extractor, Geometry(b.resize, b.crop), e.batch_size, e.dtype)
+        runner = CategoryExtractor(extractor, geometry, e.batch_size, e.dtype)
         start = time.perf_counter()
         extract_category(runner, samples, store_layout, backbone, Path(tmp) / "a.zarr", Path(tmp) / "pa.zarr",
                          progress=False)
         inprocess = time.perf_counter() - start
         threads = max(1, (os.cpu_count() or 1) // workers)
-        worker_spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, spec.mean, spec.std, b.resize, b.crop,
+        worker_spec = WorkerSpec(b.name, tuple(b.layers), b.pool, b.weights, spec.mean, spec.std, geometry.record(),
                                  e.batch_size, e.dtype, "cpu")
         start = time.perf_counter()
         client = make_client("local", workers, threads)

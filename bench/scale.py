@@ -335,7 +335,7 @@ def planned_memory(base: dict, row: dict, distributions: list[str], n_train: int
                          row.get("memory_budget", PROJECT_BUDGET))
     params = parse_params(raw)
     c, h, w = row["feature_shape"]
-    shape = BackboneShape(row["backbone"], row["weights"], [1, 2, 3], 224, c, h, w, 0, 0)  # sizes cancel out
+    shape = BackboneShape(row["backbone"], row["weights"], [1, 2, 3], (224, 224), c, h, w, 0, 0)  # sizes cancel out
     layout = protocol_b_layout(params, shape)
     return {"extract": extract_memory(params, shape, layout), "train": train_memory(params, shape, layout, n_train),
             "score": score_memory(params, shape, n_test)}

@@ -195,8 +195,12 @@ def fit(
     backbone: Annotated[str, typer.Option(help="timm model name")] = BackboneConfig.name,
     weights: Annotated[str, typer.Option(
         help="package (offline Lite0) | hub | path to a weights file")] = BackboneConfig.weights,
-    resize: Annotated[int, typer.Option(help="square resize before the center crop")] = BackboneConfig.resize,
-    crop: Annotated[int, typer.Option(help="center crop: the model input size")] = BackboneConfig.crop,
+    resize: Annotated[str, typer.Option(
+        help="resize: N (square), HxW, or longer:N / shorter:N (aspect ratio kept)")] = str(BackboneConfig.resize),
+    crop: Annotated[str, typer.Option(help="center crop after the resize: N, HxW, or none (the whole frame)")] = str(
+        BackboneConfig.crop),
+    tiles: Annotated[str, typer.Option(
+        help="backbone on overlapping tiles of the model input: SIZE[:OVERLAP] (e.g. 224:0.25), or none")] = "none",
     epochs: Annotated[int, typer.Option(help="training epochs (the paper: 50)")] = TrainConfig.epochs,
     holdout: Annotated[float, typer.Option(
         help="fraction of the good images held out to set the threshold (0: the training images' scores)")
@@ -208,7 +212,10 @@ def fit(
     """Train a detector on a folder of normal images (no DVC, no params.yaml) and save it for `polarocc predict`."""
     from polarocc.detector.artefact import check_model_target
     from polarocc.detector.detector import Detector
+    from polarocc.geometry import parse_option
 
+    geometry = {"resize": parse_option(resize, "--resize"), "crop": parse_option(crop, "--crop"),
+                "tiles": parse_option(tiles, "--tiles")}
     samples = None
     if masks is not None and test is None:
         raise ConfigError("--masks needs --test (the images the masks belong to)")
@@ -223,8 +230,8 @@ def fit(
                        sorted(missing.items())) + " image(s) (expected <defect_type>/<name>_mask.png): "
                        "pixel metrics are left out", err=True)
     check_model_target(out)
-    detector = Detector(backbone=backbone, weights=weights, resize=resize, crop=crop, epochs=epochs,
-                        holdout=holdout, quantile=quantile, device=device).fit(good)
+    detector = Detector(backbone=backbone, weights=weights, **geometry, epochs=epochs, holdout=holdout,
+                        quantile=quantile, device=device).fit(good)
     detector.save(out)
     threshold = detector.artefact.threshold
     typer.echo(f"wrote {out}; threshold {threshold.describe() if threshold else 'none'}")
@@ -333,7 +340,7 @@ def stream(
 
         p = load_params(params)
         extractor = cold_start_extractor(p)
-        artefact = cold_start_artefact(p, extractor)
+        artefact = cold_start_artefact(p, extractor, images[0] if images else None)
         source = f"cold start from {params.resolve()}"
     else:
         artefact = load_artefact(model)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ruamel.yaml import YAML, YAMLError
 
 from polarocc.errors import ConfigError
+from polarocc.geometry import SIDES, GeometrySpec
 from polarocc.ownership import is_plain_name
 
 DISTRIBUTIONS = ("normal", "uniform", "ones", "feature_mean")
@@ -33,6 +34,10 @@ DEVICES = ("auto", "cpu", "cuda")
 PEER_METHODS = ("patchcore", "padim", "untrained")
 EMBEDDED_CATEGORIES = ("brick", "grass", "gravel")  # scikit-image's texture photos (polarocc.data.textures)
 DEFECT_TYPES = ("scratch", "hole", "stain", "patch")
+SMALL_DEFECT_TYPES = ("tiny", "small", "border", "medium")  # named by what they test (polarocc.data.textures)
+# Each variant of the embedded data and the defect types it makes; the first is the default.
+VARIANT_DEFECT_TYPES = {"textures": DEFECT_TYPES, "small_defects": SMALL_DEFECT_TYPES}
+SMALL_DEFECTS_MIN_SIZE = 32  # below it the variant's images are too few rows for tiny < small < medium
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,9 @@ MAPPING = Rule(lambda v: isinstance(v, dict), "a mapping of dataset names to the
 SCHEDULER = Rule(lambda v: isinstance(v, str) and (v in ("inprocess", "local") or "://" in v),
                  "inprocess, local or a dask scheduler address such as tcp://host:8786")
 NORM = real(0, low_open=True)
+SIDE_RESIZE = Rule(lambda v: isinstance(v, dict) and len(v) == 1 and next(iter(v)) in SIDES
+                   and _is_int(next(iter(v.values()))) and next(iter(v.values())) > 0,
+                   "{shorter_side: N} or {longer_side: N} (aspect ratio kept)")
 
 
 @dataclass(frozen=True)
@@ -252,11 +260,35 @@ class EmbeddedDataConfig:
     crop: int = 200
     image_size: int = 256
     seed: int = 1024
+    # textures: square crops; small_defects: crop x 2.5*crop regions, longer side image_size, with the defect
+    # types tiny, small, border and medium (all four where defect_types is left at the standard default).
+    variant: str = "textures"
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
         "output": PATH, "categories": list_of(one_of(*EMBEDDED_CATEGORIES)),
-        "defect_types": list_of(one_of(*DEFECT_TYPES)), "train": POSITIVE, "test_good": POSITIVE,
-        "defects_per_type": POSITIVE, "crop": integer(8), "image_size": integer(8), "seed": SEED}
+        "defect_types": list_of(one_of(*DEFECT_TYPES, *SMALL_DEFECT_TYPES)), "train": POSITIVE,
+        "test_good": POSITIVE, "defects_per_type": POSITIVE, "crop": integer(8), "image_size": integer(8),
+        "seed": SEED, "variant": one_of(*VARIANT_DEFECT_TYPES)}
+
+    def with_variant_types(self) -> EmbeddedDataConfig:
+        """This config with the defect types its variant makes: the variant's own where ``defect_types`` is
+        the standard default; ConfigError naming ``embedded_data.defect_types`` for a type the variant lacks
+        (or ``embedded_data.image_size`` for small_defects images too small to hold its defects)."""
+        _require(self.variant != "small_defects" or self.image_size >= SMALL_DEFECTS_MIN_SIZE,
+                 "embedded_data.image_size", f"the small_defects variant needs at least {SMALL_DEFECTS_MIN_SIZE} "
+                 f"(its images are image_size / 2.5 rows), got {self.image_size}")
+        valid = VARIANT_DEFECT_TYPES[self.variant]
+        if self.defect_types == DEFECT_TYPES:
+            return replace(self, defect_types=valid)
+        wrong = [kind for kind in self.defect_types if kind not in valid]
+        if wrong:
+            # The rule of the key accepts every variant's types, so a wrong one belongs to another variant.
+            owner = next(v for v, kinds in VARIANT_DEFECT_TYPES.items() if set(wrong) <= set(kinds))
+            hint = (f"or set embedded_data.variant: {owner}" if self.variant == "textures"
+                    else f"or leave the default [{', '.join(DEFECT_TYPES)}] for all of them")
+            raise ConfigError(f"params key 'embedded_data.defect_types': {', '.join(wrong)} not made by variant "
+                              f"{self.variant}; choose from {', '.join(valid)} ({hint})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -267,16 +299,25 @@ class BackboneConfig:
     weights: str = "package"
     layers: tuple[int, ...] = (1, 2, 3)
     pool: int = 3
-    resize: int = 256
-    crop: int = 224
+    # The paper's square 256 then center crop 224; also [h, w], {shorter_side: N} or {longer_side: N} (aspect kept)
+    resize: int | tuple[int, int] | dict[str, int] = 256
+    crop: int | tuple[int, int] | None = 224  # None: the whole resized frame
+    tiles: dict[str, Any] | None = None  # {size: px, overlap: fraction}: features from overlapping tiles
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
         "name": TEXT, "weights": TEXT, "layers": list_of(integer(0), increasing=True),
         "pool": Rule(lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd positive kernel size (1 = no pooling)"),
-        "resize": POSITIVE, "crop": POSITIVE, "mean": optional(list_of(real(), 3, 3, unique=False)),
+        "resize": either(POSITIVE, list_of(POSITIVE, 2, 2, unique=False), SIDE_RESIZE),
+        "crop": optional(either(POSITIVE, list_of(POSITIVE, 2, 2, unique=False))),
+        "tiles": Rule(lambda v: v is None or isinstance(v, dict), "null or a mapping {size: 224, overlap: 0.25}"),
+        "mean": optional(list_of(real(), 3, 3, unique=False)),
         "std": optional(list_of(real(0, low_open=True), 3, 3, unique=False))}
+
+    def geometry(self) -> GeometrySpec:
+        """The input geometry these params describe (checked: crop inside the resize, tiles inside the input)."""
+        return GeometrySpec.parse(self.resize, self.crop, self.tiles)
 
 
 @dataclass(frozen=True)
@@ -487,6 +528,7 @@ def parse_params(raw: Any, root: Path | str = ".", source: str = "params.yaml") 
     sections = {name: build_section(cls, {**_mapping(raw.get(name), name), **({"datasets": a_datasets}
                                                                         if name == "protocol_a" else {})}, name)
                 for name, cls in SECTIONS.items()}
+    sections["embedded_data"] = sections["embedded_data"].with_variant_types()
     params = Params(datasets=datasets, root=Path(root), **sections)
     _check_consistency(params)
     return params
@@ -497,7 +539,7 @@ def _check_consistency(p: Params) -> None:
     _require(bool(p.datasets) or bool(p.protocol_a.datasets), "datasets",
              "declare at least one dataset (here, or under protocol_a.datasets)")
     b = p.backbone
-    _require(b.crop <= b.resize, "backbone.crop", f"({b.crop}) must not exceed backbone.resize ({b.resize})")
+    b.geometry()
     e = p.extract
     if e.compressor in ("lz4", "blosc"):
         _require(e.level <= 9, "extract.level", f"blosc ({e.compressor}) levels are 0..9, got {e.level}")

@@ -57,6 +57,11 @@ def norm_scores(params: Params, norm: float) -> Path:
     return params.root / REPORTS / "variants" / f"{norm_dir(norm)}.json"
 
 
+def extraction_record(params: Params, dataset: str) -> Path:
+    """What extracting a dataset cost per category: input geometry, seconds and bytes per image."""
+    return params.root / REPORTS / "extract" / f"{dataset}.json"
+
+
 def reports(params: Params) -> Path:
     """The reports folder."""
     return params.root / REPORTS

@@ -22,6 +22,7 @@ import torch
 
 from polarocc import layout
 from polarocc.config import ClassificationDatasetConfig, Params, check_datasets_exist, resolve
+from polarocc.data.images import image_size
 from polarocc.errors import DataError
 from polarocc.features.budget import (
     GRAM_ITEMSIZE,
@@ -35,6 +36,7 @@ from polarocc.features.budget import (
     store_bytes,
 )
 from polarocc.features.store import StoreLayout
+from polarocc.geometry import Geometry, size_record
 from polarocc.models.weights import RANDOM, UNTRAINED
 from polarocc.scoring.maps import chunk_images
 from polarocc.training.statistics import STREAM_BLOCK_BYTES
@@ -64,7 +66,7 @@ class BackboneShape:
     name: str
     weights: str
     layers: list[int]
-    crop: int
+    input_size: tuple[int, int]  # the model input (height, width), as extraction resolves it
     channels: int
     height: int
     width: int
@@ -72,6 +74,8 @@ class BackboneShape:
     activation_bytes_per_image: int  # float32, see ESTIMATE
     pooled_channels: int | None = None  # Protocol A (only measured when protocol_a.datasets is not empty)
     pooled_parameter_bytes: int | None = None
+    tiles: int = 1  # tiles per image (each a forward of the backbone)
+    geometry_source: str = "params"  # where an aspect-preserving resize took its aspect ratio
 
 
 @dataclass(frozen=True)
@@ -149,11 +153,14 @@ def _pooled_model(name: str) -> torch.nn.Module:
 
 
 def measure_backbone(params: Params) -> BackboneShape:
-    """Build the configured backbone with seeded random weights (no file read, no warning) and dry-run it with
-    ``extractor.spec(crop)``; forward hooks record the largest layer output for the activation estimate."""
+    """Build the configured backbone with seeded random weights (no file read, no warning) and dry-run it at the model
+    input's size (one tile when tiled); forward hooks record the largest layer output for the activation estimate.
+    """
     from polarocc.models.backbone import build_extractor
+    from polarocc.models.tiling import TiledExtractor, for_geometry
 
     b = params.backbone
+    geometry, source = planned_geometry(params)
     extractor = build_extractor(b.name, b.layers, b.pool, RANDOM, b.mean, b.std, warn=False)
     largest = [0]
 
@@ -162,7 +169,9 @@ def measure_backbone(params: Params) -> BackboneShape:
 
     handles = [m.register_forward_hook(record) for m in extractor.backbone.modules()]
     try:
-        spec = extractor.spec(b.crop)
+        tiled = for_geometry(extractor, geometry)
+        spec = tiled.spec(geometry.size)
+        tiles = tiled.count(geometry.size) if isinstance(tiled, TiledExtractor) else 1
     finally:
         for handle in handles:
             handle.remove()
@@ -173,16 +182,35 @@ def measure_backbone(params: Params) -> BackboneShape:
     if params.protocol_a.datasets:
         model = _pooled_model(b.name)
         pooled, pooled_bytes = int(model.num_features), _parameter_bytes(model)
-    return BackboneShape(b.name, str(b.weights), list(b.layers), b.crop, spec.channels, spec.height, spec.width,
-                         _parameter_bytes(extractor), activations, pooled, pooled_bytes)
+    return BackboneShape(b.name, str(b.weights), list(b.layers), geometry.size, spec.channels, spec.height,
+                         spec.width, _parameter_bytes(extractor), activations, pooled, pooled_bytes, tiles, source)
+
+
+def planned_geometry(params: Params) -> tuple[Geometry, str]:
+    """The model input geometry extraction will use, and where its aspect ratio comes from: the params alone, or
+    (aspect-preserving resize) the first training image of the first Protocol B category that exists already (the
+    embedded data's size from its params before ``prepare`` has written it)."""
+    spec = params.backbone.geometry()
+    if spec.fixed:
+        return spec.resolve(), "params"
+    for name, ds in params.datasets.items():
+        folder = resolve(params, ds.path) / ds.categories[0] / "train" / "good"
+        first = min(folder.iterdir(), default=None) if folder.is_dir() else None
+        if first is not None and first.is_file():
+            width, height = image_size(first)
+            return spec.resolve((height, width), f"{name}/{ds.categories[0]}"), f"{first} ({width}x{height})"
+    from polarocc.data.textures import image_shape
+
+    size = image_shape(params.embedded_data.image_size, params.embedded_data.variant)
+    return spec.resolve(size, "the embedded data"), f"embedded_data ({size[1]}x{size[0]})"
 
 
 def protocol_b_layout(params: Params, shape: BackboneShape) -> StoreLayout:
     """The store layout ``extract`` will use (as :func:`polarocc.pipeline.extract.run_extract` builds it)."""
-    b, e = params.backbone, params.extract
+    e = params.extract
     statistics = resolve_statistics(params.train.statistics, shape.channels, shape.height, shape.width, e.dtype)
-    return StoreLayout(shape.channels, shape.height, shape.width, b.crop, e.dtype, e.shard_images, e.compressor,
-                       e.level, stored_statistics=statistics == STORED)
+    return StoreLayout(shape.channels, shape.height, shape.width, size_record(shape.input_size), e.dtype,
+                       e.shard_images, e.compressor, e.level, stored_statistics=statistics == STORED)
 
 
 def protocol_a_layout(params: Params, shape: BackboneShape) -> StoreLayout:
@@ -322,7 +350,8 @@ def extract_memory(params: Params, shape: BackboneShape, store_layout: StoreLayo
     activations; the shards in the lanes and the one being written, in the store's dtype; one image's float64
     features and the shard's statistics (Gram matrices when stored); the decoded images of the shards ahead. Per
     worker process with the ``local`` scheduler."""
-    e, b, est = params.extract, params.backbone, ESTIMATE
+    e, est = params.extract, ESTIMATE
+    input_pixels = shape.input_size[0] * shape.input_size[1]
     c, h, w, shard = shape.channels, shape.height, shape.width, e.shard_images
     on_cpu = e.device == "cpu" or (e.device == "auto" and not torch.cuda.is_available())
     threads = e.threads_per_worker if e.scheduler != "inprocess" else (os.cpu_count() or 1)
@@ -331,9 +360,9 @@ def extract_memory(params: Params, shape: BackboneShape, store_layout: StoreLayo
                + (lanes + 1) * shard * feature_bytes_per_image(c, h, w, e.dtype)
                + c * h * w * (GRAM_ITEMSIZE + 4)
                + shard * (c * c + c if store_layout.stored_statistics else c) * GRAM_ITEMSIZE
-               + (lanes + 1) * shard * b.crop * b.crop * 3)
+               + (lanes + 1) * shard * input_pixels * 3)
     if shape.pooled_parameter_bytes is not None:  # extract_a: the whole classifier, smaller images
-        scale = (params.protocol_a.crop / b.crop) ** 2
+        scale = params.protocol_a.crop ** 2 / input_pixels
         process = max(process, int(shape.pooled_parameter_bytes + e.batch_size * scale *
                                    shape.activation_bytes_per_image))
     workers = e.workers if e.scheduler == "local" else 1
@@ -376,14 +405,15 @@ def score_memory(params: Params, shape: BackboneShape, max_test: int) -> int:
     ``score.metrics_memory_mb``, else fixed histograms)."""
     from polarocc.scoring.pixel_metrics import EXACT_BYTES_COMPUTING, EXACT_BYTES_KEPT, result_workers
 
-    e, est, crop = params.extract, ESTIMATE, params.backbone.crop
+    e, est = params.extract, ESTIMATE
+    input_pixels = shape.input_size[0] * shape.input_size[1]
     c, h, w = shape.channels, shape.height, shape.width
     shard, variants = min(e.shard_images, max(max_test, 1)), len(params.sweep.distributions)
     chunk = min(shard, chunk_images(c, h, w))  # the images projected at once
     features = (shard * feature_bytes_per_image(c, h, w, e.dtype)
                 + chunk * c * h * w * (est["score_float_copies"] * 4 + est["polar_float64_copies"] * 8))
-    maps = est["map_copies"] * chunk * crop * crop * 4
-    pixels = max_test * crop * crop
+    maps = est["map_copies"] * chunk * input_pixels * 4
+    pixels = max_test * input_pixels
     workers = result_workers(variants, variants, pixels, params.score.metrics_memory_mb)  # computed side by side
     exact = pixels * (variants * EXACT_BYTES_KEPT + workers * EXACT_BYTES_COMPUTING)
     pixel = exact if exact <= params.score.metrics_memory_mb * MIB else \
@@ -439,7 +469,10 @@ def _table(rows: list[list[str]]) -> list[str]:
 def format_plan(plan: RunPlan) -> str:
     """The plan as a plain-text table and summary lines."""
     s, h = plan.backbone, human_bytes
-    lines = [f"backbone {s.name}, layers {s.layers}, crop {s.crop}: {s.channels} x {s.height} x {s.width} features "
+    tiled = f" in {s.tiles} tiles" if s.tiles > 1 else ""
+    lines = [f"backbone {s.name}, layers {s.layers}, input {s.input_size[0]}x{s.input_size[1]}{tiled}"
+             + (f" (aspect from {s.geometry_source})" if s.geometry_source != "params" else "")
+             + f": {s.channels} x {s.height} x {s.width} features "
              f"per image (dry run), {h(s.parameter_bytes)} of parameters; training statistics {plan.statistics}"]
     rows = [["dataset", "protocol", "source", "categories", "train", "test", "features", "statistics", "masks",
              "models"]]

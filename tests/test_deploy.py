@@ -65,7 +65,7 @@ def test_model_file_describes_itself_and_scores_like_the_pipeline(trained: Path,
     params = load_params(trained / "params.yaml")
     store = FeatureStore(layout.feature_store(params, "mine", "brick"))
     images = np.stack([load_image(s.path, Geometry(72, 64)) for s in store.samples("train")])
-    _, scores = Detector.from_artefact(model, extractor=lite0).score_crops(images)
+    _, scores = Detector.from_artefact(model, extractor=lite0).score_inputs(images)
     np.testing.assert_allclose(scores, model.normal_scores, rtol=1e-5)
 
 
@@ -165,7 +165,7 @@ def test_predict_writes_scores_maps_and_overlays(model_path: Path, mvtec_tree: P
     threshold = choose_threshold(model, quantile=0.5)
     table = predict(detector, images, tmp_path / "out", threshold, batch_size=3, progress=False)
     assert table["path"].to_list() == [str(p) for p in images]
-    _, direct = detector.score_crops(np.stack([load_image(p, detector.geometry) for p in images]))
+    _, direct = detector.score_inputs(np.stack([load_image(p, detector.geometry) for p in images]))
     np.testing.assert_allclose(table["score"].to_numpy(), direct, rtol=1e-5)
     assert table["anomalous"].to_list() == (direct > threshold.value).tolist()
     first = tmp_path / "out" / table["map"][0]
@@ -230,7 +230,7 @@ def test_stream_learns_only_from_images_it_judges_normal(model_path: Path, mvtec
     model = load_artefact(model_path)
     images = _test_images(mvtec_tree)
     crops = np.stack([load_image(p, Geometry(72, 64)) for p in images])
-    _, before = Detector.from_artefact(model, extractor=lite0).score_crops(crops)
+    _, before = Detector.from_artefact(model, extractor=lite0).score_inputs(crops)
     learner = OnlineLearner(model, StreamSettings(threshold=float(np.median(before))), extractor=lite0)
     start = learner.projector.weight.detach().clone()
     run_stream(learner, images, tmp_path / "s.csv", tmp_path / "s.pt", "m", progress=False)

@@ -321,7 +321,7 @@ def test_predict_failing_mid_run_leaves_the_previous_output_byte_identical(detec
     assert _snapshot(out) == before
 
     # A failure after some batches were scored (device error, file changed after the check) changes nothing.
-    score, calls = detector.score_crops, []
+    score, calls = detector.score_inputs, []
 
     def failing(pixels: np.ndarray):
         calls.append(len(pixels))
@@ -329,7 +329,7 @@ def test_predict_failing_mid_run_leaves_the_previous_output_byte_identical(detec
             raise RuntimeError("CUDA out of memory")
         return score(pixels)
 
-    monkeypatch.setattr(detector, "score_crops", failing)
+    monkeypatch.setattr(detector, "score_inputs", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         predict(detector, images[::-1], out, threshold, batch_size=2, progress=False)
     assert len(calls) == 2 and _snapshot(out) == before

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 # Bottom to top. A module may import its own part and any part of a lower row.
 ROWS: list[tuple[str, ...]] = [
-    ("__init__", "errors", "atomic", "device", "memory", "ownership", "safe_load", "sampling"),
+    ("__init__", "errors", "atomic", "device", "geometry", "memory", "ownership", "safe_load", "sampling"),
     ("config",),
     ("layout",),
     ("data",),

@@ -20,6 +20,7 @@ from polarocc.detector.artefact import ModelArtefact, Threshold, load_artefact, 
 from polarocc.detector.detector import Detector
 from polarocc.errors import ConfigError, UnsafePathError
 from polarocc.models.projector import Projector
+from polarocc.models.tiling import for_geometry
 
 runner = CliRunner()
 GEOMETRY = Geometry(72, 64)
@@ -28,13 +29,13 @@ THRESHOLD = 1234.5
 TOLERANCE = 1e-4  # relative, on scores and on maps (against the map's largest value)
 
 
-def make_artefact(extractor, score: dict) -> ModelArtefact:
+def make_artefact(extractor, score: dict, geometry: Geometry = GEOMETRY) -> ModelArtefact:
     """An untrained model on ``extractor``: a seeded random projector and a random center of norm 1."""
-    spec = extractor.spec(GEOMETRY.crop)
+    spec = for_geometry(extractor, geometry).spec(geometry.size)
     center = torch.randn(spec.channels, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     return ModelArtefact(
         projector=Projector(spec.channels, "conv1x1", True, seed=11).state(), center=center / center.norm(),
-        backbone=dict(extractor.description), geometry={"resize": GEOMETRY.resize, "crop": GEOMETRY.crop},
+        backbone=dict(extractor.description), geometry=geometry.record(),
         feature_shape=(spec.channels, spec.height, spec.width), score=dict(score),
         threshold=Threshold(THRESHOLD, "user"))
 
@@ -70,7 +71,7 @@ def run_onnx(path: Path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def relative_differences(onnx: tuple[np.ndarray, np.ndarray],
                          torch_: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
     """(max relative score difference, max map difference relative to the torch map's largest value) between
-    onnxruntime's (scores, maps) and Detector.score_crops's (maps, scores)."""
+    onnxruntime's (scores, maps) and Detector.score_inputs's (maps, scores)."""
     (score, maps), (torch_maps, torch_scores) = onnx, torch_
     assert score.shape == torch_scores.shape and maps.shape == torch_maps.shape
     scores = float(np.max(np.abs(score - torch_scores) / np.abs(torch_scores)))
@@ -79,7 +80,7 @@ def relative_differences(onnx: tuple[np.ndarray, np.ndarray],
 
 def check_matches(path: Path, detector: Detector, images: np.ndarray) -> tuple[float, float]:
     """ONNX scores and maps of a batch of four and a batch of one (the batch axis is dynamic) agree with torch."""
-    expected = detector.score_crops(images)
+    expected = detector.score_inputs(images)
     worst = relative_differences(run_onnx(path, images), expected)
     one = relative_differences(run_onnx(path, images[:1]), (expected[0][:1], expected[1][:1]))
     assert max(*worst, *one) <= TOLERANCE, (worst, one)
@@ -107,11 +108,11 @@ def test_onnx_scores_like_torch(exported: Path, artefact: ModelArtefact, lite0, 
 def test_onnx_follows_the_score_settings(score: dict, lite0, images: np.ndarray, tmp_path: Path) -> None:
     artefact = make_artefact(lite0, score)
     detector = torch_detector(artefact, lite0)
-    before = detector.score_crops(images)
+    before = detector.score_inputs(images)
     path = export_artefact_onnx(artefact, tmp_path / "m.onnx", extractor=lite0)
     check_matches(path, detector, images)
     # Exporting changes nothing in the shared backbone (its batch norms stay in eval mode): same torch scores.
-    np.testing.assert_array_equal(detector.score_crops(images)[1], before[1])
+    np.testing.assert_array_equal(detector.score_inputs(images)[1], before[1])
 
 
 ISOLATED = r"""
@@ -147,7 +148,7 @@ def test_onnx_runs_with_onnxruntime_alone(exported: Path, artefact: ModelArtefac
     assert result.stdout.strip() == "[]"
     out = np.load(tmp_path / "out.npz")
     worst = relative_differences((out["score"], out["anomaly_map"]),
-                                 torch_detector(artefact, lite0).score_crops(images))
+                                 torch_detector(artefact, lite0).score_inputs(images))
     assert max(worst) <= TOLERANCE, worst
 
 
@@ -178,7 +179,7 @@ def test_cli_converts_a_model_file(artefact: ModelArtefact, lite0, images: np.nd
                    "polarocc never overwrites files it did not create")
     assert foreign.read_text() == "mine"
     with pytest.raises(UnsafePathError):
-        export_onnx(lite0, Projector(176), torch.ones(176), 64, DEFAULT_SCORE, foreign)
+        export_onnx(lite0, Projector(176), torch.ones(176), Geometry(64, 64), DEFAULT_SCORE, foreign)
 
 
 def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_missing_onnx_names_the_fix(artefact: ModelArtefact, lite0, tmp_path: Pa
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
     hint = 'pip install "polarocc[onnx]"'
     with pytest.raises(ConfigError, match=r'pip install "polarocc\[onnx\]"'):
-        export_onnx(lite0, Projector(176), torch.ones(176), 64, DEFAULT_SCORE, tmp_path / "m.onnx")
+        export_onnx(lite0, Projector(176), torch.ones(176), Geometry(64, 64), DEFAULT_SCORE, tmp_path / "m.onnx")
     model = save_artefact(tmp_path / "m.pt", artefact)
     one_line_error(runner.invoke(app, ["export", "--model", str(model), str(tmp_path / "m.onnx"), "--format", "onnx"]),
                    hint)
@@ -220,3 +221,19 @@ def test_cli_exports_a_pipeline_variant(project_copy: Path, images: np.ndarray, 
     props = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     assert float(props["threshold"]) == artefact.threshold.value
     check_matches(out, torch_detector(artefact), images)
+
+
+@pytest.mark.parametrize("geometry", [Geometry((80, 200), None),
+                                      Geometry((80, 200), None, {"size": 64, "overlap": 0.25})],
+                         ids=["full_frame", "tiled"])
+def test_onnx_follows_the_geometry(geometry: Geometry, lite0, mvtec_tree: Path, tmp_path: Path) -> None:
+    """A rectangular full-frame input, and the same tiled (the graph holds every tile and the stitching)."""
+    artefact = make_artefact(lite0, DEFAULT_SCORE, geometry)
+    paths = collect_images([str(mvtec_tree / "brick/test")])[:2]
+    batch = np.stack([load_image(p, geometry) for p in paths])
+    assert batch.shape == (2, 80, 200, 3)
+    path = export_artefact_onnx(artefact, tmp_path / "m.onnx", extractor=lite0)
+    check_matches(path, torch_detector(artefact, lite0), batch)
+    props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert (props["input_height"], props["input_width"], props["crop"]) == ("80", "200", "null")
+    assert ("tiles" in props) == (geometry.tiles is not None)

@@ -165,3 +165,25 @@ def test_cli_plan_exits_1_when_the_run_does_not_fit(extracted_project: Path, mon
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10))
     result = runner.invoke(app, ["plan", "--params", str(extracted_project / "params.yaml")])
     assert result.exit_code == 1 and "DOES NOT FIT" in result.output
+
+
+def test_plan_accounts_for_tiles_and_the_aspect_ratio(params_dict: dict, tmp_path: Path, mvtec_tree: Path) -> None:
+    """An aspect-preserving, tiled geometry is planned at the size extraction will use: the feature maps of the
+    whole stitched input (and their bytes), the tiles per image."""
+    path = _project(params_dict, tmp_path / "p", mvtec_tree)
+    paper = make_plan(load_params(path))
+    tiled_raw = copy.deepcopy(params_dict)
+    tiled_raw["datasets"] = {"mine": {"format": "mvtec", "path": str(mvtec_tree), "categories": ["brick", "gravel"]}}
+    tiled_raw["protocol_a"]["datasets"] = {}
+    tiled_raw["protocol_c"] = {"datasets": [], "seed": 5}
+    tiled_raw["backbone"].update(resize={"shorter_side": 192}, crop=None, tiles={"size": 64, "overlap": 0.25})
+    tiled = make_plan(load_params(write_params(tiled_raw, tmp_path / "p")))
+    s = tiled.backbone
+    # The generated images are square (64 px): 192 x 192, 4 tiles per axis, 48 x 48 positions of stride 4.
+    assert (s.input_size, s.tiles, s.height, s.width) == ((192, 192), 16, 48, 48)
+    assert s.geometry_source.startswith(str(mvtec_tree / "brick/train/good"))
+    (mine_paper,), (mine_tiled,) = paper.datasets, tiled.datasets
+    assert mine_tiled.bytes.features == pytest.approx(mine_paper.bytes.features * (48 * 48) / (16 * 16), rel=1e-9)
+    output = runner.invoke(app, ["plan", "--params", str(tmp_path / "p/params.yaml")])
+    assert output.exit_code == 0, output.output
+    assert "input 192x192 in 16 tiles" in output.output

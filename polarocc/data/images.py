@@ -1,8 +1,9 @@
 """Image and mask loading with the shared resize/center-crop geometry.
 
 Images of any PIL mode (grayscale, RGBA, palette, 16-bit) are converted to 8-bit RGB; masks are
-binarised (any non-zero pixel is defective). Images and masks go through the same square resize and
-center crop, images with bilinear and masks with nearest interpolation, so they stay aligned.
+binarised (any non-zero pixel is defective). Images and masks go through the same resize and center crop
+(:class:`~polarocc.geometry.Geometry`), images with bilinear and masks with nearest interpolation, so they
+stay aligned.
 """
 
 from __future__ import annotations
@@ -10,26 +11,15 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from polarocc.errors import DataError
+from polarocc.geometry import Geometry
 
-
-@dataclass(frozen=True)
-class Geometry:
-    """Square resize to ``resize`` pixels, then a center crop of ``crop`` pixels."""
-
-    resize: int = 256
-    crop: int = 224
-
-    def box(self) -> tuple[int, int, int, int]:
-        """The crop box (left, top, right, bottom) in the resized image."""
-        offset = (self.resize - self.crop) // 2
-        return offset, offset, offset + self.crop, offset + self.crop
+__all__ = ["Geometry", "image_size", "load_image", "load_mask", "open_image", "resize_crop", "to_rgb"]
 
 
 def _pixels(count: float) -> str:
@@ -91,22 +81,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _resized(img: Image.Image, geometry: Geometry, resample: Image.Resampling) -> Image.Image:
+    height, width = geometry.resize
+    img = img.resize((width, height), resample)
+    return img if geometry.crop is None else img.crop(geometry.box())
+
+
 def load_image(path: Path, geometry: Geometry) -> np.ndarray:
-    """Read an image as uint8 RGB of shape (crop, crop, 3)."""
-    img = to_rgb(open_image(path)).resize((geometry.resize, geometry.resize), Image.Resampling.BILINEAR)
-    return np.asarray(img.crop(geometry.box()), dtype=np.uint8)
+    """Read an image as the model input: uint8 RGB of shape (height, width, 3) of ``geometry.size``."""
+    return np.asarray(_resized(to_rgb(open_image(path)), geometry, Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def resize_crop(image: np.ndarray, geometry: Geometry) -> np.ndarray:
     """An in-memory uint8 image resized and cropped like :func:`load_image` does a file."""
-    img = Image.fromarray(image).resize((geometry.resize, geometry.resize), Image.Resampling.BILINEAR)
-    return np.asarray(img.crop(geometry.box()))
+    return np.asarray(_resized(Image.fromarray(image), geometry, Image.Resampling.BILINEAR))
 
 
 def load_mask(path: Path, geometry: Geometry) -> np.ndarray:
-    """Read a mask as a bool array (crop, crop); any non-zero pixel is defective."""
+    """Read a mask as a bool array of ``geometry.size``; any non-zero pixel is defective."""
     mask = open_image(path)
     binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255)
-    binary = binary.resize((geometry.resize, geometry.resize), Image.Resampling.NEAREST)
-    return np.asarray(binary.crop(geometry.box())) > 0
-
+    return np.asarray(_resized(binary, geometry, Image.Resampling.NEAREST)) > 0

@@ -2,15 +2,17 @@
 
 The graph is traced from the same torch code that scores images here (normalisation, backbone, multi-scale
 aggregation, projector, distance, upsampling, blur and reduction of :mod:`polarocc.scoring.maps`), so the two
-paths compute the same function; only the float32 kernels' rounding differs. Input ``images``: uint8 RGB
-(N, crop, crop, 3), resized and center-cropped as the model records (``resize``, ``crop`` in the metadata).
-Outputs ``score`` (N,) and ``anomaly_map`` (N, crop, crop), float32.
+paths compute the same function; only the float32 kernels' rounding differs. A tiled model's graph holds every
+tile's forward and the stitching. Input ``images``: uint8 RGB (N, height, width, 3) at the model input's size,
+resized and center-cropped as the model records (``resize``, ``crop``, ``input_height``, ``input_width`` in the
+metadata). Outputs ``score`` (N,) and ``anomaly_map`` (N, height, width), float32.
 """
 
 from __future__ import annotations
 
 import inspect
 import io
+import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +29,9 @@ from polarocc.scoring.maps import distance_maps, gaussian_blur, reduce_maps, ups
 
 if TYPE_CHECKING:
     from polarocc.detector.artefact import ModelArtefact
+    from polarocc.geometry import Geometry
     from polarocc.models.backbone import FeatureExtractor
+    from polarocc.models.tiling import TiledExtractor
 
 PRODUCER = "polarocc"
 INPUT = "images"
@@ -47,17 +51,18 @@ def _onnx() -> Any:
 
 
 class OnnxScorer(nn.Module):
-    """uint8 images (N, crop, crop, 3) -> (scores (N,), anomaly maps (N, crop, crop)), as :class:`Detector`."""
+    """uint8 model inputs (N, height, width, 3) -> (scores (N,), anomaly maps (N, height, width)), as
+    :class:`Detector`."""
 
-    def __init__(self, extractor: FeatureExtractor, projector: Projector, center: torch.Tensor, crop: int,
-                 score: Mapping[str, Any]) -> None:
+    def __init__(self, extractor: FeatureExtractor | TiledExtractor, projector: Projector, center: torch.Tensor,
+                 input_size: tuple[int, int], score: Mapping[str, Any]) -> None:
         super().__init__()
         self.extractor = extractor.eval()
         device = extractor.mean.device
         # A float32 copy: the caller's projector (float64 while a stream trains it) stays as it is.
         self.projector = Projector.from_state(projector.state(), dtype=torch.float32).to(device).eval()
         self.register_buffer("center", center.detach().to(device, torch.float32).flatten().clone())
-        self.crop = int(crop)
+        self.input_size = (int(input_size[0]), int(input_size[1]))
         self.sigma = float(score["sigma"])
         self.reduction = str(score["reduction"])
         self.topk = int(score["topk"])
@@ -68,11 +73,10 @@ class OnnxScorer(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.extractor
-        # FeatureExtractor.forward runs under inference_mode, which the tracer cannot record: call its parts.
-        features = e.aggregate(e.backbone(e.normalize(images)), self.feature_dtype).float()
-        maps = gaussian_blur(upsample(distance_maps(self.projector, self.center, features, self.squared), self.crop),
-                             self.sigma)
+        # The extractor's forward runs under inference_mode, which the tracer cannot record.
+        features = self.extractor.compute(images, self.feature_dtype).float()
+        maps = gaussian_blur(upsample(distance_maps(self.projector, self.center, features, self.squared),
+                                      self.input_size), self.sigma)
         return reduce_maps(maps, self.reduction, self.topk), maps
 
 
@@ -106,22 +110,24 @@ def _check_score(score: Mapping[str, Any]) -> None:
                           f"{', '.join(FEATURE_DTYPES)}")
 
 
-def export_onnx(extractor: FeatureExtractor, projector: Projector, center: torch.Tensor, crop: int,
-                score: Mapping[str, Any], path: Path | str, opset: int = 17, *, resize: int | None = None,
+def export_onnx(extractor: FeatureExtractor | TiledExtractor, projector: Projector, center: torch.Tensor,
+                geometry: Geometry, score: Mapping[str, Any], path: Path | str, opset: int = 17, *,
                 threshold: float | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the whole scorer as one ONNX graph with a dynamic batch axis, atomically; returns ``path``.
 
     ``score`` holds sigma, reduction, topk, squared and optionally feature_dtype (a model file's ``score``). The
-    metadata_props hold
-    ``crop`` and, where given, ``resize``, ``threshold`` and ``metadata``'s entries (as strings).
+    metadata_props hold the geometry (``resize``, ``crop``, ``tiles`` as JSON; ``input_height``, ``input_width``)
+    and, where given, ``threshold`` and ``metadata``'s entries (as strings).
     """
     onnx = _onnx()
     check_onnx_target(path)
     _check_score(score)
-    scorer = OnnxScorer(extractor, projector, center, crop, score)
+    height, width = geometry.size
+    scorer = OnnxScorer(extractor, projector, center, geometry.size, score)
     # Two different images: a batch of one lets the tracer fold away the batch axis in places.
     device = scorer.center.device
-    example = torch.arange(2 * crop * crop * 3, device=device).remainder(251).to(torch.uint8).view(2, crop, crop, 3)
+    example = torch.arange(2 * height * width * 3, device=device).remainder(251).to(torch.uint8).view(
+        2, height, width, 3)
     buffer = io.BytesIO()
     # torch >= 2.5 defaults to (or offers) the dynamo exporter, which needs onnxscript; torch < 2.5 has only the
     # TorchScript one and no ``dynamo`` argument.
@@ -140,12 +146,15 @@ def export_onnx(extractor: FeatureExtractor, projector: Projector, center: torch
     import polarocc
 
     model.producer_name, model.producer_version = PRODUCER, str(polarocc.__version__)
-    model.doc_string = ("polarocc anomaly scorer: uint8 RGB images (N, crop, crop, 3), resized to `resize` and "
-                        "center-cropped to `crop` -> score (N,), anomaly_map (N, crop, crop)")
-    props: dict[str, str] = {"crop": str(int(crop)), "input_layout": "NHWC uint8 RGB",
-                             **{f"score_{k}": str(v) for k, v in score.items()}}
-    if resize is not None:
-        props["resize"] = str(int(resize))
+    model.doc_string = (f"polarocc anomaly scorer: uint8 RGB images (N, {height}, {width}, 3), resized to `resize` "
+                        "(height, width) and center-cropped to `crop` (none when null) -> score (N,), anomaly_map "
+                        f"(N, {height}, {width})")
+    record = geometry.record()
+    props: dict[str, str] = {"resize": json.dumps(record["resize"]), "crop": json.dumps(record["crop"]),
+                             "input_height": str(height), "input_width": str(width),
+                             "input_layout": "NHWC uint8 RGB", **{f"score_{k}": str(v) for k, v in score.items()}}
+    if "tiles" in record:
+        props["tiles"] = json.dumps(record["tiles"])
     if threshold is not None:
         props["threshold"] = repr(float(threshold))
     props.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -167,6 +176,5 @@ def export_artefact_onnx(artefact: ModelArtefact, path: Path | str, opset: int =
     extra = {"backbone": artefact.backbone["name"], "layers": ",".join(map(str, artefact.backbone["layers"]))}
     if threshold is not None:
         extra["threshold_rule"] = threshold.describe()
-    return export_onnx(detector.extractor, detector.projector_, detector.center_, detector.geometry.crop,
-                       artefact.score, path, opset, resize=detector.geometry.resize,
-                       threshold=None if threshold is None else threshold.value, metadata=extra)
+    return export_onnx(detector.extractor, detector.projector_, detector.center_, detector.geometry, artefact.score,
+                       path, opset, threshold=None if threshold is None else threshold.value, metadata=extra)

@@ -10,13 +10,13 @@ import polars as pl
 from tqdm import tqdm
 
 from polarocc.atomic import atomic_file, save_npy
-from polarocc.data.images import load_image
 from polarocc.data.inputs import output_names
 from polarocc.data.mvtec import check_files
 from polarocc.data.samples import Sample
 from polarocc.deploy.overlay import save_overlay
 from polarocc.detector.artefact import ModelArtefact, Threshold
 from polarocc.detector.detector import Detector
+from polarocc.detector.images import as_images, batches, map_to_image
 from polarocc.detector.threshold import (
     holdout_quantile_threshold,
     quantile_threshold,
@@ -61,7 +61,7 @@ def normalized(score: float, threshold: float) -> float:
 def predict(detector: Detector, images: list[Path], out: Path, threshold: Threshold, batch_size: int = 16,
             write_maps: bool = True, progress: bool = True) -> pl.DataFrame:
     """Score ``images`` into the folder ``out``: ``scores.csv``, and per image ``maps/<name>.npy`` (the float32
-    anomaly map at the model's crop size) and ``overlays/<name>.png``.
+    anomaly map at the image's own height and width) and ``overlays/<name>.png`` (on the image as it is).
 
     The whole folder is built beside ``out`` and replaces it only when complete, so a failure leaves the
     previous output as it was and a rerun leaves no stale files. ``out`` must be absent, empty or an earlier
@@ -76,13 +76,17 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
     def build(folder: Path) -> None:
         rows: list[list[object]] = []
         with tqdm(total=len(images), desc="predict", unit="image", disable=not progress) as bar:
-            for start in range(0, len(images), batch_size):
+            geometry = detector.geometry
+            for start, (chunk, inputs, originals) in zip(range(0, len(images), batch_size),
+                                                          batches(as_images(images), geometry, batch_size),
+                                                          strict=True):
                 paths, stems = images[start:start + batch_size], names[start:start + batch_size]
-                pixels = np.stack([load_image(p, detector.geometry) for p in paths])
-                maps, scores = detector.score_crops(pixels)
-                for path, stem, image, anomaly_map, score in zip(paths, stems, pixels, maps, scores, strict=True):
+                input_maps, scores = detector.score_inputs(inputs)
+                for path, stem, image, input_map, score in zip(paths, stems, originals, input_maps, scores,
+                                                               strict=True):
                     map_file = overlay_file = ""
                     if write_maps:
+                        anomaly_map = map_to_image(input_map, geometry, image.shape[:2])
                         map_file, overlay_file = f"maps/{stem}.npy", f"overlays/{stem}.png"
                         save_npy(folder / map_file, anomaly_map.astype(np.float32))
                         save_overlay(folder / overlay_file, image, anomaly_map, threshold.value, float(score),
@@ -90,7 +94,7 @@ def predict(detector: Detector, images: list[Path], out: Path, threshold: Thresh
                     rows.append([str(path), repr(float(score)), repr(threshold.value),
                                  repr(normalized(float(score), threshold.value)), bool(score > threshold.value),
                                  map_file, overlay_file])
-                bar.update(len(paths))
+                bar.update(len(chunk))
         with atomic_file(folder / "scores.csv", "w") as fh:
             writer = csv.writer(fh)
             writer.writerow(COLUMNS)

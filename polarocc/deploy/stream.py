@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from polarocc.atomic import torch_save_atomic
 from polarocc.config import Params
-from polarocc.data.images import load_image
+from polarocc.data.images import image_size, load_image
 from polarocc.detector.artefact import ModelArtefact, Threshold, save_artefact, score_settings
 from polarocc.detector.detector import Detector
 from polarocc.detector.threshold import quantile_threshold, stream_quantile_threshold
@@ -36,6 +36,7 @@ from polarocc.errors import ConfigError, DataError, ModelError, UnsafePathError
 from polarocc.models.backbone import FeatureExtractor, backbone_record, build_extractor
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
+from polarocc.models.tiling import for_geometry
 from polarocc.safe_load import torch_load_plain
 from polarocc.training.direct import hinge_loss
 from polarocc.training.optim import Adam
@@ -106,23 +107,33 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cold_start_artefact(params: Params, extractor: FeatureExtractor) -> ModelArtefact:
+def cold_start_artefact(params: Params, extractor: FeatureExtractor, first_image: Path | None = None) -> ModelArtefact:
     """An untrained model from params.yaml: its backbone, the default center, a freshly initialised projector.
 
-    Nothing is learned from data: the center comes from ``center`` (distribution, norm, seed).
+    Nothing is learned from data: the center comes from ``center`` (distribution, norm, seed). An aspect-preserving
+    ``backbone.resize`` takes the stream's ``first_image``'s aspect ratio.
     """
     if params.center.distribution == "feature_mean":
         raise ConfigError("params key 'center.distribution': a cold start has no features to average; use "
                           "normal, uniform or ones")
     b = params.backbone
-    spec = extractor.spec(b.crop)
+    spec_geometry = b.geometry()
+    if spec_geometry.fixed:
+        geometry = spec_geometry.resolve()
+    elif first_image is None:
+        raise ConfigError("params key 'backbone.resize' keeps the aspect ratio, so a cold start needs the stream's "
+                          "first image to size the model input")
+    else:
+        width, height = image_size(first_image)
+        geometry = spec_geometry.resolve((height, width), f"the stream's first image {first_image}")
+    spec = for_geometry(extractor, geometry).spec(geometry.size)
     center = make_center(params.center.distribution, params.center.norm, spec.channels, params.center.seed)
     projector = Projector(spec.channels, params.projector.kind, params.projector.bias, seed=params.train.seed,
                           dtype=torch.float64)
     t = params.train
     return ModelArtefact(
         projector=projector.state(), center=center, backbone=backbone_record(b, spec),
-        geometry={"resize": b.resize, "crop": b.crop}, feature_shape=(spec.channels, spec.height, spec.width),
+        geometry=geometry.record(), feature_shape=(spec.channels, spec.height, spec.width),
         score=score_settings(params.score), threshold=None,
         train={"lr": t.lr, "weight_decay": t.weight_decay, "radius": t.radius, "batch_size": 1, "seed": t.seed},
         provenance={"protocol": "stream cold start", "distribution": params.center.distribution,
@@ -230,9 +241,9 @@ class OnlineLearner:
         geometry = self.detector.geometry
         for start in range(0, len(readable), 16):
             chunk = readable[start:start + 16]
-            crops = np.stack([load_image(path, geometry) for _, path in chunk])
+            inputs = np.stack([load_image(path, geometry) for _, path in chunk])
             with torch.no_grad():
-                _, fresh = self.detector.score_crops(crops)
+                _, fresh = self.detector.score_inputs(inputs)
             for (i, _), score in zip(chunk, fresh, strict=True):
                 scores[i] = float(score)
         return scores

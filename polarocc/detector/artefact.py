@@ -21,7 +21,8 @@ import torch
 
 from polarocc.atomic import torch_save_atomic
 from polarocc.config import ScoreConfig
-from polarocc.errors import ModelError, UnsafePathError
+from polarocc.errors import ConfigError, ModelError, UnsafePathError
+from polarocc.geometry import Geometry
 from polarocc.models.projector import Projector
 from polarocc.safe_load import torch_load_plain
 
@@ -29,7 +30,7 @@ FORMAT = "polarocc-model"
 FORMAT_VERSION = 2  # 2: optional map_scale (overlay colours) and the holdout_quantile threshold rule
 # What makes two feature extractors interchangeable; anything else (device, batch size) does not matter.
 BACKBONE_KEYS = ("name", "weights", "layers", "pool", "mean", "std")
-GEOMETRY_KEYS = ("resize", "crop")
+GEOMETRY_KEYS = ("resize", "crop", "tiles")
 
 
 def library_versions() -> dict[str, str]:
@@ -90,7 +91,7 @@ class ModelArtefact:
     projector: dict[str, Any]
     center: torch.Tensor
     backbone: dict[str, Any]
-    geometry: dict[str, int]
+    geometry: dict[str, Any]  # Geometry.record(): resize, crop (null: none), tiles (only when tiled)
     feature_shape: tuple[int, int, int]
     score: dict[str, Any]
     threshold: Threshold | None
@@ -100,6 +101,11 @@ class ModelArtefact:
     versions: dict[str, str] = field(default_factory=library_versions)
     # Overlay colour scale (low, high) on the map scale: percentiles of normal images' anomaly-map pixels.
     map_scale: list[float] | None = None
+
+    @property
+    def input_geometry(self) -> Geometry:
+        """The model input geometry the model was trained at (maps come out at its ``size``)."""
+        return Geometry.from_record(self.geometry)
 
     def build_projector(self, dtype: torch.dtype = torch.float32) -> Projector:
         """The trained projector as a module."""
@@ -282,8 +288,12 @@ def load_artefact(path: Path | str) -> ModelArtefact:
            "a list of integers", "backbone.")
     _field(path, backbone, "pool", _is_int, "an integer", "backbone.")
     geometry = _dict(path, payload, "geometry")
-    for key in GEOMETRY_KEYS:
-        _field(path, geometry, key, lambda v: _is_int(v) and v > 0, "a positive integer", "geometry.")
+    for key in ("resize", "crop"):
+        _field(path, geometry, key, lambda _: True, "", "geometry.")
+    try:
+        Geometry.from_record(geometry)
+    except ConfigError as exc:
+        raise _foreign(path, f"its geometry is not valid ({exc})") from exc
     shape = _field(path, payload, "feature_shape",
                    lambda v: isinstance(v, list | tuple) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v),
                    "three positive integers")

@@ -30,7 +30,6 @@ from polarocc.config import (
     TrainConfig,
     build_section,
 )
-from polarocc.data.images import Geometry
 from polarocc.detector.artefact import ModelArtefact, load_artefact, save_artefact, score_settings
 from polarocc.detector.images import SourceImage, as_images, batches, map_to_image
 from polarocc.detector.model_files import calibrate, float32_copy
@@ -38,9 +37,11 @@ from polarocc.detector.threshold import held_out_rows
 from polarocc.device import pick_device
 from polarocc.errors import ConfigError, ModelError
 from polarocc.features.budget import STREAMED
+from polarocc.geometry import Geometry, GeometrySpec
 from polarocc.models.backbone import FeatureExtractor, backbone_record, build_extractor
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
+from polarocc.models.tiling import TiledExtractor, for_geometry
 from polarocc.scoring.maps import score_batch
 from polarocc.training.fit import TrainingFeatures, fit_projectors
 
@@ -58,6 +59,16 @@ def _config(cls: type, values: dict[str, Any], names: dict[str, str] | None = No
         for field_name, parameter in (names or {}).items():
             message = message.replace(f"'{field_name}'", f"'{parameter}'").replace(f"'{field_name}[", f"'{parameter}[")
         raise ConfigError(message) from None
+
+
+def _resolve_geometry(backbone: BackboneConfig, first: SourceImage) -> Geometry:
+    """The model input geometry for the Detector's parameters; an aspect-preserving resize takes the first image's
+    aspect ratio (every image is then resized to that size)."""
+    spec = GeometrySpec.parse(backbone.resize, backbone.crop, backbone.tiles, prefix="", label="Detector parameter")
+    if spec.fixed:
+        return spec.resolve()
+    height, width = first.rgb().shape[:2]
+    return spec.resolve((height, width), f"the first image ({width}x{height})")
 
 
 def _build_model_extractor(artefact: ModelArtefact) -> FeatureExtractor:
@@ -82,7 +93,8 @@ class Detector:
 
     def __init__(self, *, backbone: str = BackboneConfig.name, weights: str = BackboneConfig.weights,
                  layers: tuple[int, ...] = BackboneConfig.layers, pool: int = BackboneConfig.pool,
-                 resize: int = BackboneConfig.resize, crop: int = BackboneConfig.crop,
+                 resize: int | tuple[int, int] | dict[str, int] = BackboneConfig.resize,
+                 crop: int | tuple[int, int] | None = BackboneConfig.crop, tiles: dict[str, Any] | None = None,
                  mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
                  center: str = CenterConfig.distribution, norm: float = CenterConfig.norm,
                  seed: int = CenterConfig.seed, projector: str = ProjectorConfig.kind,
@@ -95,7 +107,7 @@ class Detector:
                  quantile: float = DeployConfig.threshold_quantile, feature_dtype: str = ExtractConfig.dtype,
                  device: str = "auto", progress: bool = True) -> None:
         self.backbone, self.weights, self.layers, self.pool = backbone, weights, layers, pool
-        self.resize, self.crop, self.mean, self.std = resize, crop, mean, std
+        self.resize, self.crop, self.tiles, self.mean, self.std = resize, crop, tiles, mean, std
         self.center, self.norm, self.seed = center, norm, seed
         self.projector, self.bias = projector, bias
         self.trainer, self.epochs, self.batch_size, self.lr = trainer, epochs, batch_size, lr
@@ -110,9 +122,10 @@ class Detector:
         self._dtype = torch.float32  # of the projector and center that score (a stream trains them in float64)
 
     # -- parameters -------------------------------------------------------------------------------------------
-    PARAMS = ("backbone", "weights", "layers", "pool", "resize", "crop", "mean", "std", "center", "norm", "seed",
-              "projector", "bias", "trainer", "epochs", "batch_size", "lr", "weight_decay", "radius", "train_seed",
-              "sigma", "reduction", "topk", "squared", "holdout", "quantile", "feature_dtype", "device", "progress")
+    PARAMS = ("backbone", "weights", "layers", "pool", "resize", "crop", "tiles", "mean", "std", "center", "norm",
+              "seed", "projector", "bias", "trainer", "epochs", "batch_size", "lr", "weight_decay", "radius",
+              "train_seed", "sigma", "reduction", "topk", "squared", "holdout", "quantile", "feature_dtype", "device",
+              "progress")
 
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters (scikit-learn convention)."""
@@ -126,7 +139,8 @@ class Detector:
                                 DeployConfig]:
         backbone = _config(BackboneConfig, {"name": self.backbone, "weights": self.weights, "layers": self.layers,
                                             "pool": self.pool, "resize": self.resize, "crop": self.crop,
-                                            "mean": self.mean, "std": self.std}, {"name": "backbone"})
+                                            "tiles": self.tiles, "mean": self.mean, "std": self.std},
+                          {"name": "backbone"})
         center = _config(CenterConfig, {"distribution": self.center, "norm": self.norm, "seed": self.seed},
                          {"distribution": "center"})
         projector = _config(ProjectorConfig, {"kind": self.projector, "bias": self.bias}, {"kind": "projector"})
@@ -138,9 +152,7 @@ class Detector:
         deploy = _config(DeployConfig, {"threshold_quantile": self.quantile, "holdout": self.holdout},
                          {"threshold_quantile": "quantile"})
         _config(ExtractConfig, {"dtype": self.feature_dtype}, {"dtype": "feature_dtype"})
-        if backbone.crop > backbone.resize:
-            raise ConfigError(f"Detector parameter 'crop' ({backbone.crop}) must not exceed 'resize' "
-                              f"({backbone.resize})")
+        GeometrySpec.parse(backbone.resize, backbone.crop, backbone.tiles, prefix="", label="Detector parameter")
         return backbone, center, projector, train, score, deploy
 
     # -- fitting ----------------------------------------------------------------------------------------------
@@ -155,10 +167,10 @@ class Detector:
         device = pick_device(self.device, "device")
         images = as_images(source)
         held = held_out_rows(len(images), deploy.holdout, train.seed)
-        extractor = build_extractor(backbone.name, backbone.layers, backbone.pool, backbone.weights, backbone.mean,
-                                    backbone.std).to(device)
-        geometry = Geometry(backbone.resize, backbone.crop)
-        spec = extractor.spec(geometry.crop)
+        geometry = _resolve_geometry(backbone, images[0])
+        extractor = for_geometry(build_extractor(backbone.name, backbone.layers, backbone.pool, backbone.weights,
+                                                 backbone.mean, backbone.std), geometry).to(device)
+        spec = extractor.spec(geometry.size)
         features = self._extract(extractor, images, geometry, device, "features")
         trained = np.setdiff1d(np.arange(len(images)), held)
         data = TrainingFeatures.in_memory(features[trained], f"the {len(trained)} images given to fit")
@@ -172,11 +184,11 @@ class Detector:
         projector, center, history = fitted[center_cfg.distribution]
         settings = {**score_settings(score), "feature_dtype": self.feature_dtype}
         threshold, normal_scores, scale = calibrate(
-            float32_copy(projector), center, features[held if len(held) else trained], geometry.crop, settings,
+            float32_copy(projector), center, features[held if len(held) else trained], geometry.size, settings,
             deploy.threshold_quantile, bool(len(held)), device)
         self.artefact_ = ModelArtefact(
             projector=float32_copy(projector).state(), center=center.detach().cpu().to(torch.float64),
-            backbone=backbone_record(backbone, spec), geometry={"resize": geometry.resize, "crop": geometry.crop},
+            backbone=backbone_record(backbone, spec), geometry=geometry.record(),
             feature_shape=(spec.channels, spec.height, spec.width), score=settings, threshold=threshold,
             normal_scores=[float(s) for s in normal_scores],
             train={**vars(train), "history": history.to_dict()},
@@ -188,14 +200,14 @@ class Detector:
         self._extractor, self._model, self._device_ = extractor, None, device
         return self
 
-    def _extract(self, extractor: FeatureExtractor, images: list[SourceImage], geometry: Geometry, device: str,
-                 what: str) -> np.ndarray:
+    def _extract(self, extractor: FeatureExtractor | TiledExtractor, images: list[SourceImage], geometry: Geometry,
+                 device: str, what: str) -> np.ndarray:
         """Features (N, C, H, W) in ``feature_dtype``, as the pipeline stores them."""
         dtype = TORCH_DTYPES[self.feature_dtype]
         out = []
         with tqdm(total=len(images), desc=what, unit="image", disable=not self.progress) as bar:
-            for chunk, crops, _ in batches(images, geometry, ExtractConfig.batch_size):
-                out.append(extractor(torch.from_numpy(crops).to(device), dtype=dtype).cpu().numpy())
+            for chunk, inputs, _ in batches(images, geometry, ExtractConfig.batch_size):
+                out.append(extractor(torch.from_numpy(inputs).to(device), dtype=dtype).cpu().numpy())
                 bar.update(len(chunk))
         return np.concatenate(out)
 
@@ -209,9 +221,8 @@ class Detector:
 
     @property
     def geometry(self) -> Geometry:
-        """The model input's resize and crop."""
-        g = self.artefact.geometry
-        return Geometry(int(g["resize"]), int(g["crop"]))
+        """The model input's geometry (resize, crop, tiles) the model was trained at."""
+        return self.artefact.input_geometry
 
     @property
     def threshold(self) -> float:
@@ -221,10 +232,10 @@ class Detector:
         return self.artefact.threshold.value
 
     @property
-    def extractor(self) -> FeatureExtractor:
-        """The frozen backbone the model was trained on (built on first use)."""
+    def extractor(self) -> FeatureExtractor | TiledExtractor:
+        """The frozen backbone the model was trained on (built on first use), tiled where the model's geometry is."""
         if self._extractor is None:
-            self._extractor = _build_model_extractor(self.artefact).to(self._device)
+            self._extractor = for_geometry(_build_model_extractor(self.artefact), self.geometry).to(self._device)
             self._check_extractor(self._extractor)
         return self._extractor
 
@@ -251,10 +262,10 @@ class Detector:
         """The hypersphere center, like :attr:`projector_`."""
         return self._parts[1]
 
-    def _check_extractor(self, extractor: FeatureExtractor) -> None:
+    def _check_extractor(self, extractor: FeatureExtractor | TiledExtractor) -> None:
         if extractor.description is not None:
             self.artefact.check_features(extractor.description, self.artefact.geometry, "the given extractor")
-        spec = extractor.spec(self.geometry.crop)
+        spec = extractor.spec(self.geometry.size)
         self.artefact.check_feature_shape((spec.channels, spec.height, spec.width),
                                           f"backbone {self.artefact.backbone['name']}")
 
@@ -267,7 +278,7 @@ class Detector:
         of :attr:`projector_` and :attr:`center_`."""
         b, g, s, t, p = artefact.backbone, artefact.geometry, artefact.score, artefact.train, artefact.provenance
         detector = cls(backbone=b["name"], weights=b["weights"], layers=tuple(b["layers"]), pool=int(b["pool"]),
-                       resize=int(g["resize"]), crop=int(g["crop"]), mean=b.get("mean"), std=b.get("std"),
+                       resize=g["resize"], crop=g["crop"], tiles=g.get("tiles"), mean=b.get("mean"), std=b.get("std"),
                        sigma=s["sigma"], reduction=s["reduction"], topk=s["topk"], squared=s["squared"],
                        feature_dtype=s.get("feature_dtype", "float32"), device=device, progress=progress)
         for name, key, source in (("center", "distribution", p), ("norm", "norm", p), ("lr", "lr", t),
@@ -278,6 +289,8 @@ class Detector:
         detector.artefact_ = artefact
         detector._dtype = dtype
         if extractor is not None:
+            if not isinstance(extractor, TiledExtractor):  # a shared plain backbone: tiled as the model needs
+                extractor = for_geometry(extractor, detector.geometry)
             detector._extractor = extractor.to(detector._device)
             detector._check_extractor(detector._extractor)
         return detector
@@ -294,24 +307,26 @@ class Detector:
         return save_artefact(path, self.artefact)
 
     # -- scoring ----------------------------------------------------------------------------------------------
-    def features(self, crops: np.ndarray) -> torch.Tensor:
-        """Frozen features (B, C, H, W) float32 of model inputs (B, crop, crop, 3) uint8, rounded through the
-        model's feature dtype as the pipeline's stores are."""
-        pixels = np.require(crops, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    def features(self, inputs: np.ndarray) -> torch.Tensor:
+        """Frozen features (B, C, h, w) float32 of model inputs (B, height, width, 3) uint8 (``geometry.size``),
+        rounded through the model's feature dtype as the pipeline's stores are."""
+        pixels = np.require(inputs, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
         dtype = TORCH_DTYPES.get(self.feature_dtype, torch.float32)
         return self.extractor(torch.from_numpy(pixels).to(self._device), dtype=dtype).float()
 
     def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(anomaly maps (B, crop, crop) float32, image scores (B,) float64) of a feature batch."""
+        """(anomaly maps (B, height, width) float32 at the model input's size, image scores (B,) float64) of a
+        feature batch."""
         s = self.artefact.score
         projector, center = self._parts
-        maps, scores = score_batch(projector, center, features.to(self._device), self.geometry.crop,
+        maps, scores = score_batch(projector, center, features.to(self._device), self.geometry.size,
                                    float(s["sigma"]), str(s["reduction"]), int(s["topk"]), bool(s["squared"]))
         return maps.float().cpu().numpy(), scores.double().cpu().numpy()
 
-    def score_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(maps at the crop size, scores) of model inputs (B, crop, crop, 3) uint8."""
-        return self.score_features(self.features(crops))
+    def score_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(maps at the model input's size, scores) of model inputs (B, height, width, 3) uint8, as
+        :func:`polarocc.data.images.load_image` makes them."""
+        return self.score_features(self.features(inputs))
 
     def score_and_maps(self, source: Any, maps: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
         """(image scores (N,), one anomaly map per image at its own size) in one pass (no maps when ``maps`` is
@@ -321,11 +336,12 @@ class Detector:
         full: list[np.ndarray] = []
         geometry = self.geometry
         with tqdm(total=len(images), desc="score", unit="image", disable=not self.progress) as bar:
-            for chunk, crops, sizes in batches(images, geometry, ExtractConfig.batch_size):
-                crop_maps, crop_scores = self.score_crops(crops)
-                scores.append(crop_scores)
+            for chunk, inputs, originals in batches(images, geometry, ExtractConfig.batch_size):
+                input_maps, input_scores = self.score_inputs(inputs)
+                scores.append(input_scores)
                 if maps:
-                    full += [map_to_image(m, geometry, size) for m, size in zip(crop_maps, sizes, strict=True)]
+                    full += [map_to_image(m, geometry, image.shape[:2])
+                             for m, image in zip(input_maps, originals, strict=True)]
                 bar.update(len(chunk))
         return np.concatenate(scores), full
 

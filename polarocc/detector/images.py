@@ -93,24 +93,26 @@ def as_images(source: Any) -> list[SourceImage]:
 
 
 def batches(images: list[SourceImage], geometry: Geometry, size: int
-            ) -> Iterator[tuple[list[SourceImage], np.ndarray, list[tuple[int, int]]]]:
-    """(images, their model inputs (B, crop, crop, 3) uint8, their (height, width)) ``size`` images at a time:
-    files are decoded only when their batch comes. The inputs are those the pipeline makes of image files."""
+            ) -> Iterator[tuple[list[SourceImage], np.ndarray, list[np.ndarray]]]:
+    """(images, their model inputs (B, height, width, 3) uint8 at ``geometry.size``, the images themselves as uint8
+    RGB at their own sizes) ``size`` images at a time: files are decoded only when their batch comes. The inputs
+    are those the pipeline makes of image files."""
     for start in range(0, len(images), size):
         chunk = images[start:start + size]
         rgb = [image.rgb() for image in chunk]
-        yield chunk, np.stack([resize_crop(x, geometry) for x in rgb]), [x.shape[:2] for x in rgb]
+        yield chunk, np.stack([resize_crop(x, geometry) for x in rgb]), rgb
 
 
 def map_to_image(anomaly_map: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> np.ndarray:
-    """An anomaly map of the model input (crop x crop) at the original image's (height, width).
+    """An anomaly map of the model input (``geometry.size``) at the original image's (height, width).
 
-    The map covers the center crop of the square-resized image; the border the crop cut off takes the values
-    of the nearest mapped pixels (the model never saw it), then the whole square is resized to the image's own
-    size (bilinear), undoing the square resize.
+    The map covers the center crop of the resized image; the border a crop cut off takes the values of the
+    nearest mapped pixels (the model never saw it), then the whole resized frame is resized to the image's own
+    size (bilinear), undoing the resize. Without a crop only the resize is undone.
     """
     left, top, right, bottom = geometry.box()
-    padded = np.pad(anomaly_map.astype(np.float32), ((top, geometry.resize - bottom), (left, geometry.resize - right)),
+    resized_h, resized_w = geometry.resize
+    padded = np.pad(anomaly_map.astype(np.float32), ((top, resized_h - bottom), (left, resized_w - right)),
                     mode="edge")
     height, width = size
     return np.asarray(Image.fromarray(padded, mode="F").resize((width, height), Image.Resampling.BILINEAR),

@@ -55,28 +55,30 @@ def load_model(path: Path, store: FeatureStore | None = None) -> tuple[Projector
 MAP_SCALE_PERCENTILES = (50.0, 99.9)  # overlay colours: median normal pixel -> dark, rare normal pixel -> bright
 
 
-def maps_and_scores(projector: Projector, center: torch.Tensor, features: Any, crop: int, settings: dict[str, Any],
-                    device: str = "cpu", size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(maps (N, crop, crop) float32, image scores (N,) float64) of cached features (N, C, H, W): a numpy, zarr
-    or :class:`RowSubset` array read ``size`` images at a time, scored in float32 as the score stage does."""
+def maps_and_scores(projector: Projector, center: torch.Tensor, features: Any, input_size: tuple[int, int],
+                    settings: dict[str, Any], device: str = "cpu", size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (N, height, width) float32 at the model ``input_size``, image scores (N,) float64) of cached features
+    (N, C, h, w): a numpy, zarr or :class:`RowSubset` array read ``size`` images at a time, scored in float32 as the
+    score stage does."""
     projector = projector.to(device)
     center = center.to(device=device, dtype=projector.weight.dtype)
     maps, scores = [], []
     for start in range(0, features.shape[0], size):
         batch = torch.from_numpy(np.ascontiguousarray(features[start:start + size])).to(device).float()
-        m, s = score_batch(projector, center, batch, crop, float(settings["sigma"]), str(settings["reduction"]),
+        m, s = score_batch(projector, center, batch, input_size, float(settings["sigma"]), str(settings["reduction"]),
                            int(settings["topk"]), bool(settings["squared"]))
         maps.append(m.float().cpu().numpy())
         scores.append(s.double().cpu().numpy())
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def calibrate(projector: Projector, center: torch.Tensor, normal_features: Any, crop: int, settings: dict[str, Any],
-              quantile: float, held_out: bool, device: str = "cpu") -> tuple[Threshold, np.ndarray, list[float]]:
+def calibrate(projector: Projector, center: torch.Tensor, normal_features: Any, input_size: tuple[int, int],
+              settings: dict[str, Any], quantile: float, held_out: bool,
+              device: str = "cpu") -> tuple[Threshold, np.ndarray, list[float]]:
     """(threshold, normal scores, overlay colour scale) from normal images' features: the ``quantile`` of their
     scores (``held_out``: images the model was not trained on, else its training images) and percentiles of their
     map pixels."""
-    maps, scores = maps_and_scores(projector, center, normal_features, crop, settings, device)
+    maps, scores = maps_and_scores(projector, center, normal_features, input_size, settings, device)
     threshold = (holdout_quantile_threshold if held_out else quantile_threshold)(scores, quantile)
     low, high = (float(v) for v in np.percentile(maps, MAP_SCALE_PERCENTILES))
     return threshold, scores, [low, high if high > low else float(np.nextafter(low, np.inf))]
@@ -96,8 +98,7 @@ def build_artefact(projector: Projector, center: torch.Tensor, store: FeatureSto
     features = store.features("train")
     settings = {**score_settings(params.score), "feature_dtype": str(features.dtype)}
     normal = features if held_out is None else RowSubset(features, held_out)
-    crop = int(store.attrs["geometry"]["crop"])
-    threshold, scores, scale = calibrate(float32_copy(projector), center, normal, crop, settings,
+    threshold, scores, scale = calibrate(float32_copy(projector), center, normal, store.geometry.size, settings,
                                          params.deploy.threshold_quantile, held_out is not None, device)
     attrs = store.attrs
     # Where normal_scores came from, when not the training images (older readers assume those).

@@ -167,7 +167,7 @@ def run_extract_a(params: Params, dataset: str, progress: bool = True) -> dict[s
         # Imported here: dask's import costs every stage that imports this module (train, score) a second or so.
         from polarocc.features.distributed import WorkerSpec, cluster_client, extract_category_distributed
 
-        worker = WorkerSpec(b.name, (), 0, b.weights, tuple(spec.mean), tuple(spec.std), a.resize, a.crop,
+        worker = WorkerSpec(b.name, (), 0, b.weights, tuple(spec.mean), tuple(spec.std), geometry.record(),
                             e.batch_size, "float32", device, pooled=True)
         with cluster_client(e.scheduler, e.workers, e.threads_per_worker, gpu=device == "cuda") as client:
             return extract_category_distributed(client, worker, samples, store_layout, backbone, final, partial,

@@ -93,7 +93,7 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
     pixel metrics; with ``polar`` (likewise) the projected features feed the polar diagnostics.
     """
     models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
-    crop = int(store.attrs["geometry"]["crop"])
+    size = store.geometry.size
     step = chunk_images(store.channels, *store.features(split).shape[2:])
     scores: list[list[np.ndarray]] = [[] for _ in models]
     z = distances = batch_maps = None
@@ -107,7 +107,7 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
         batch = torch.from_numpy(features).to(device)
         for i, (projector, center) in enumerate(models):
             z, distances = project(projector, center, batch, cfg.squared)
-            batch_maps, batch_scores = finish_maps(distances, crop, cfg.sigma, cfg.reduction, cfg.topk)
+            batch_maps, batch_scores = finish_maps(distances, size, cfg.sigma, cfg.reduction, cfg.topk)
             if labels is not None:
                 polar[i].add(z, labels)
             if masks is not None:
@@ -125,9 +125,9 @@ def pixel_accumulators(store: FeatureStore, models: int, cfg: ScoreConfig) -> li
 
 
 def map_pixels(store: FeatureStore) -> int:
-    """Pixels of a store's test maps (every test image at the crop size)."""
-    crop = int(store.attrs["geometry"]["crop"])
-    return store.features("test").shape[0] * crop * crop
+    """Pixels of a store's test maps (every test image at the model input's size)."""
+    height, width = store.geometry.size
+    return store.features("test").shape[0] * height * width
 
 
 def category_metrics(store: FeatureStore, scores: np.ndarray, pixel: dict) -> dict:

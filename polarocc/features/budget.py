@@ -71,7 +71,7 @@ def store_bytes(layout: StoreLayout, n_train: int, n_test: int) -> StoreBytes:
         return StoreBytes(features=features)
     per_train = statistics_bytes_per_image(layout.channels) if layout.stored_statistics else \
         layout.channels * GRAM_ITEMSIZE
-    masks = n_test * layout.crop * layout.crop * np.dtype(bool).itemsize
+    masks = n_test * layout.mask_shape[0] * layout.mask_shape[1] * np.dtype(bool).itemsize
     return StoreBytes(features, n_train * per_train, masks)
 
 
@@ -111,18 +111,21 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def check_disk_for_extraction(dataset: str, layout: StoreLayout, samples: Mapping[str, Mapping[str, Sized]],
-                              target: Path, shown: str | None = None, reusable: Iterable[Path] = ()) -> int:
+def check_disk_for_extraction(dataset: str, layout: StoreLayout | Mapping[str, StoreLayout],
+                              samples: Mapping[str, Mapping[str, Sized]], target: Path, shown: str | None = None,
+                              reusable: Iterable[Path] = ()) -> int:
     """DataError unless the stores of ``dataset`` (``samples``: category -> split -> images) fit the free space at
-    ``target`` (its nearest existing folder); returns the bytes needed.
+    ``target`` (its nearest existing folder); returns the bytes needed. ``layout``: one for every category, or one
+    per category (their input sizes differ when the resize keeps each category's aspect ratio).
 
     Needed: every store's arrays uncompressed (:func:`store_bytes`), less the bytes of ``reusable`` folders
     (partial stores of an interrupted run: resumed in place, or deleted before the store is rebuilt). Complete
     stores at the output paths are not credited: ``dvc repro`` deletes them before the stage runs.
     """
     needed = StoreBytes()
-    for splits in samples.values():
-        needed += store_bytes(layout, len(splits.get("train", ())), len(splits.get("test", ())))
+    for category, splits in samples.items():
+        category_layout = layout if isinstance(layout, StoreLayout) else layout[category]
+        needed += store_bytes(category_layout, len(splits.get("train", ())), len(splits.get("test", ())))
     credit = sum(folder_bytes(p) for p in reusable)
     where, free = free_bytes(target)
     required = max(needed.total - credit, 0)

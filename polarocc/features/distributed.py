@@ -42,8 +42,7 @@ class WorkerSpec:
     weights: str
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
-    resize: int
-    crop: int
+    geometry: dict[str, Any]  # Geometry.record(): resize, crop, tiles
     batch_size: int
     dtype: str
     device: str
@@ -60,7 +59,7 @@ def worker_runner(spec: WorkerSpec) -> CategoryExtractor:
     if key not in _RUNNERS:
         extractor = (build_pooled_extractor(spec.name, spec.weights, spec.mean, spec.std) if spec.pooled
                      else build_extractor(spec.name, spec.layers, spec.pool, spec.weights, spec.mean, spec.std))
-        _RUNNERS[key] = CategoryExtractor(extractor, Geometry(spec.resize, spec.crop), spec.batch_size, spec.dtype,
+        _RUNNERS[key] = CategoryExtractor(extractor, Geometry.from_record(spec.geometry), spec.batch_size, spec.dtype,
                                           spec.device)
     return _RUNNERS[key]
 
@@ -138,9 +137,9 @@ def extract_category_distributed(client: Client, spec: WorkerSpec, samples: dict
     """
     from dask.distributed import as_completed
 
-    geometry = Geometry(spec.resize, spec.crop)
+    geometry = Geometry.from_record(spec.geometry)
     fp = store_fingerprint(backbone, geometry, layout, samples)
-    attrs = {"backbone": backbone, "geometry": asdict(geometry), "layout": asdict(layout)}
+    attrs = {"backbone": backbone, "geometry": geometry.record(), "layout": asdict(layout)}
     group = fs.create_or_resume(partial, fp, layout, samples, attrs)
     resources = {"GPU": 1} if spec.device == "cuda" else None  # one task per GPU at a time
     futures, computed = [], {}

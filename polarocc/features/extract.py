@@ -19,6 +19,7 @@ from polarocc.data.samples import Sample
 from polarocc.errors import NumericalError
 from polarocc.features import store as fs
 from polarocc.models.backbone import FeatureExtractor
+from polarocc.models.tiling import for_geometry
 
 
 def read_category(root: Path, category: str, check: bool = True, progress: bool = True) -> dict[str, list[Sample]]:
@@ -102,7 +103,7 @@ class CategoryExtractor:
 
     def __init__(self, extractor: FeatureExtractor, geometry: Geometry, batch_size: int, dtype: str,
                  device: str = "cpu", loader: Callable[[list[Sample]], np.ndarray] | None = None) -> None:
-        self.extractor = extractor.to(device)
+        self.extractor = for_geometry(extractor, geometry).to(device)
         self.loader = loader
         self.geometry = geometry
         self.batch_size = batch_size
@@ -113,7 +114,7 @@ class CategoryExtractor:
         self._direct = "dtype" in inspect.signature(extractor.forward).parameters
 
     def load(self, samples: list[Sample]) -> np.ndarray:
-        """uint8 images (B, crop, crop, 3)."""
+        """uint8 model inputs (B, height, width, 3)."""
         if self.loader is not None:
             return self.loader(samples)
         return np.stack([load_image(s.path, self.geometry) for s in samples])
@@ -149,7 +150,7 @@ class CategoryExtractor:
         if "masks" in arrays:
             arrays["masks"][sl] = np.stack([
                 load_mask(s.mask_path, self.geometry) if s.mask_path is not None
-                else np.zeros((self.geometry.crop,) * 2, dtype=bool) for s in items
+                else np.zeros(self.geometry.size, dtype=bool) for s in items
             ])
         arrays["done"][shard] = True
 
@@ -255,7 +256,7 @@ def store_fingerprint(backbone: dict, geometry: Geometry, layout: fs.StoreLayout
     """Fingerprint of everything that determines a category store's bytes."""
     files = {split: [fs.file_signature(s.path) + ([] if s.mask_path is None else fs.file_signature(s.mask_path))
                      for s in items] for split, items in samples.items()}
-    return fs.fingerprint({"backbone": backbone, "geometry": asdict(geometry), "layout": asdict(layout),
+    return fs.fingerprint({"backbone": backbone, "geometry": geometry.record(), "layout": asdict(layout),
                            "files": files, "version": 1})
 
 
@@ -264,7 +265,7 @@ def extract_category(runner: CategoryExtractor, samples: dict[str, list[Sample]]
                      on_shard: Callable[[int], None] | None = None) -> dict[str, int]:
     """Build (or resume) one category store and move it into place; returns shards computed per split."""
     fp = store_fingerprint(backbone, runner.geometry, layout, samples)
-    attrs = {"backbone": backbone, "geometry": asdict(runner.geometry), "layout": asdict(layout)}
+    attrs = {"backbone": backbone, "geometry": runner.geometry.record(), "layout": asdict(layout)}
     group = fs.create_or_resume(partial, fp, layout, samples, attrs)
     computed = runner.run_splits(group, samples, progress, on_shard)
     fs.finalize(partial, final)

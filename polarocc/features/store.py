@@ -2,13 +2,13 @@
 
 Layout of ``<category>.zarr``::
 
-    attrs: fingerprint, spec (channels, height, width, crop, backbone ...), complete
+    attrs: fingerprint, backbone, geometry (resize, crop, tiles), layout, complete
     train/features (N, C, H, W)  float16, one chunk per image inside shards of ``shard_images`` images
     train/gram     (N, C, C)     float64 per-image sum_p f_p f_p^T (from the stored, rounded features); only
                                  when the training statistics are ``stored`` (see polarocc.training.statistics)
     train/sums     (N, C)        float64 per-image sum_p f_p (always: the ``feature_mean`` center needs it)
     test/features  (N, C, H, W)
-    test/masks     (N, crop, crop) bool
+    test/masks     (N, H, W) bool, at the model input's size
     <split>/done   (n_shards,)   bool, set after a shard's arrays are written
     <split> attrs: samples (path, label, defect_type, mask_path per image)
 
@@ -35,6 +35,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from polarocc.data.samples import Sample
 from polarocc.errors import MissingOutputError, ModelError, UnsafePathError
+from polarocc.geometry import Geometry
 from polarocc.models.centers import make_center
 
 SPLITS = ("train", "test")
@@ -74,13 +75,19 @@ class StoreLayout:
     channels: int
     height: int
     width: int
-    crop: int
+    input_size: int | list[int]  # the model input (masks' shape): a square side or [height, width]
     dtype: str = "float16"
     shard_images: int = 16
     compressor: str = "zstd"
     level: int = 3
     image_level: bool = False  # Protocol A: no Gram statistics (one position per image) and no masks
     stored_statistics: bool = True  # per-image Gram matrices (train.statistics 'stored'); else only sums
+
+    @property
+    def mask_shape(self) -> tuple[int, int]:
+        """(height, width) of the model input, which masks and anomaly maps share."""
+        size = self.input_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, shard: int,
@@ -133,7 +140,7 @@ def create_or_resume(path: Path, fp: str, layout: StoreLayout, samples: dict[str
                 _create(sub, "gram", (n, c, c), "float64", per_shard, layout, per_image_chunks=False)
             _create(sub, "sums", (n, c), "float64", per_shard, layout, per_image_chunks=False)
         else:
-            _create(sub, "masks", (n, layout.crop, layout.crop), "bool", per_shard, layout, per_image_chunks=False)
+            _create(sub, "masks", (n, *layout.mask_shape), "bool", per_shard, layout, per_image_chunks=False)
     return group
 
 
@@ -215,6 +222,11 @@ class FeatureStore:
         return dict(self.group.attrs)
 
     @property
+    def geometry(self) -> Geometry:
+        """The model input geometry the features were extracted at (maps and masks have its ``size``)."""
+        return Geometry.from_record(self.group.attrs["geometry"], f"{self.path} geometry")
+
+    @property
     def channels(self) -> int:
         """Feature channels C."""
         return int(self.group["train/features"].shape[1])
@@ -289,5 +301,5 @@ class FeatureStore:
                              "stage (dvc repro)")
 
     def masks(self, rows: slice = slice(None)) -> np.ndarray:
-        """Test masks (N, crop, crop) bool, of the images ``rows`` only if given."""
+        """Test masks (N, H, W) bool at the model input's size, of the images ``rows`` only if given."""
         return self.group["test/masks"][rows]

@@ -92,7 +92,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         # How it was built (name, weights, layers, pool, mean, std), so saved models can check they fit.
         self.description: dict | None = None
-        self._shapes: dict[int, tuple[int, int, int]] = {}  # spec's dry runs, per crop size
+        self._shapes: dict[tuple[int, int], tuple[int, int, int]] = {}  # spec's dry runs, per input size
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> float NCHW normalised with the model's mean/std."""
@@ -102,6 +102,10 @@ class FeatureExtractor(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Aggregated features (B, C, H, W), in ``dtype`` if given (rounded once, as the float32 result would be)."""
+        return self.compute(images, dtype)
+
+    def compute(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`forward` outside inference mode, which a tracer (the ONNX export) cannot record."""
         return self.aggregate(self.backbone(self.normalize(images)), dtype)
 
     @torch.inference_mode()
@@ -109,16 +113,23 @@ class FeatureExtractor(nn.Module):
         """The backbone's levels without aggregation (benchmark baseline)."""
         return self.backbone(self.normalize(images))
 
-    def spec(self, crop: int) -> FeatureSpec:
-        """Output shape for a ``crop`` x ``crop`` input, measured by one forward of a black image (cached per crop):
-        padding and rounding differ between models, so a prediction from strides can be off by one."""
-        if crop not in self._shapes:
+    def spec(self, size: int | tuple[int, int]) -> FeatureSpec:
+        """Output shape for an input of ``size`` (a square side or (height, width)), measured by one forward of a
+        black image (cached per size): padding and rounding differ between models, so a prediction from strides
+        can be off by one."""
+        height, width = as_size(size)
+        if (height, width) not in self._shapes:
             with torch.inference_mode():
-                out = self(torch.zeros(1, crop, crop, 3, dtype=torch.uint8, device=self.mean.device))
-            self._shapes[crop] = tuple(out.shape[1:])
-        channels, height, width = self._shapes[crop]
-        return FeatureSpec(channels, height, width, tuple(self.mean.flatten().tolist()),
+                out = self(torch.zeros(1, height, width, 3, dtype=torch.uint8, device=self.mean.device))
+            self._shapes[height, width] = tuple(out.shape[1:])
+        channels, out_h, out_w = self._shapes[height, width]
+        return FeatureSpec(channels, out_h, out_w, tuple(self.mean.flatten().tolist()),
                            tuple(self.std.flatten().tolist()))
+
+
+def as_size(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a square side or a pair."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def check_model_name(name: str) -> None:
@@ -289,7 +300,7 @@ class PooledExtractor(FeatureExtractor):
         x = self.backbone.forward_features(self.normalize(images))
         return self.backbone.forward_head(x, pre_logits=True)[:, :, None, None]
 
-    def spec(self, crop: int) -> FeatureSpec:
+    def spec(self, size: int | tuple[int, int]) -> FeatureSpec:
         """C x 1 x 1, C = the model's pooled feature width (1280 for Lite0, 2048 for ResNet152)."""
         return FeatureSpec(int(self.backbone.num_features), 1, 1, tuple(self.mean.flatten().tolist()),
                            tuple(self.std.flatten().tolist()))

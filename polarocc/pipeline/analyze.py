@@ -20,7 +20,7 @@ from polarocc.analysis.cosine import store_cosines, vector_cosines
 from polarocc.analysis.polar import ANOMALOUS, NORMAL, store_position_labels
 from polarocc.atomic import write_json
 from polarocc.config import Params
-from polarocc.data.images import Geometry, load_image
+from polarocc.data.images import load_image
 from polarocc.detector import protocol_a
 from polarocc.detector.artefact import load_artefact
 from polarocc.detector.curves import LearningCurve
@@ -146,9 +146,9 @@ def overlays(params: Params, dataset: str, category: str) -> None:
     # Only the chosen images are read and scored.
     features = torch.from_numpy(np.concatenate([store.features("test")[i:i + 1] for i in picks]))
     s = params.score
-    maps, scores = score_batch(artefact.build_projector(), artefact.center, features, artefact.geometry["crop"],
+    geometry = artefact.input_geometry
+    maps, scores = score_batch(artefact.build_projector(), artefact.center, features, geometry.size,
                                s.sigma, s.reduction, s.topk, s.squared)
-    geometry = Geometry(**artefact.geometry)
     images = [load_image(samples[i].path, geometry) for i in picks]
     titles = [f"{samples[i].defect_type}/{samples[i].path.name}" for i in picks]
     # Ground truth where the category has it (a good image's empty mask included); an image-level category none.

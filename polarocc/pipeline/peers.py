@@ -54,7 +54,7 @@ def fit_peer(method: str, params: Params, train_batches: Iterable[np.ndarray], c
 
 def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
     """Metrics of one peer on one Protocol B category."""
-    crop = int(store.attrs["geometry"]["crop"])
+    size = store.geometry.size
     s = params.score
     c = params.center
     peer = fit_peer(method, params, (f for _, f in store.batches("train")),
@@ -62,7 +62,7 @@ def peer_category(store: FeatureStore, params: Params, method: str) -> dict:
     [pixel] = pixel_accumulators(store, 1, s)
     scores = []
     for indices, features in store.batches("test"):
-        batch_maps, batch_scores = finish_maps(peer.distance_maps(torch.from_numpy(features)), crop, s.sigma,
+        batch_maps, batch_scores = finish_maps(peer.distance_maps(torch.from_numpy(features)), size, s.sigma,
                                                s.reduction, s.topk)
         pixel.add(batch_maps.float().numpy(), store.masks(slice(int(indices[0]), int(indices[-1]) + 1)))
         scores.append(batch_scores.double().numpy())

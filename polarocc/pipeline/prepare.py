@@ -17,7 +17,8 @@ def run_prepare(params: Params) -> dict[str, dict[str, int]]:
     out = layout.embedded_output(params)
     t = params.embedded_data
     spec = TextureSpec(train=t.train, test_good=t.test_good, defects_per_type=t.defects_per_type,
-                       defect_types=t.defect_types, crop=t.crop, image_size=t.image_size)
+                       defect_types=t.defect_types, crop=t.crop, image_size=t.image_size,
+                       variant=t.variant)
     return replace_folder(out, layout.EMBEDDED_KEY, "prepare",
                           lambda staging: make_textures(staging, t.categories, spec, t.seed),
                           layout.recorded_outputs(params.root, "prepare"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from polarocc import layout
-from polarocc.atomic import write_csv, write_text
+from polarocc.atomic import write_csv, write_json, write_text
 from polarocc.config import Params
 from polarocc.reports.analysis_tables import (
     budget_means,
@@ -19,12 +19,13 @@ from polarocc.reports.analysis_tables import (
     polar_table,
 )
 from polarocc.reports.figures import budget_plot, category_sweep_plot, feasibility_plot, polar_plot
+from polarocc.reports.geometry import geometry_metrics, geometry_table
 from polarocc.reports.markdown import category_table, distribution_table, headline_table, md_table
 from polarocc.reports.tables import OURS, read_results
 
 SECTIONS = ("Headline", "Center distributions (Table 4)", "Per category (Table S4)", "Norm sweep",
             "Feasibility (Fig. 4)", "Polar diagnostics (Fig. 2)", "Training budget", "Protocol C learning curve",
-            "Figures")
+            "Input geometry", "Figures")
 
 
 def _link(report: Path, target: Path, text: str) -> str:
@@ -75,6 +76,9 @@ def run_report(params: Params) -> Path:
     category_sweep_plot(sweep.filter(pl.col("protocol") == "B"), plots / "category_sweep_pixel.png", "pixel_auroc")
     category_sweep_plot(sweep, plots / "category_sweep.png")
 
+    geometry = geometry_metrics(params)
+    write_json(reports / "geometry.json", geometry)
+
     report = reports / "report.md"
     c = params.center
     online = results.filter(pl.col("protocol") == "C").select(
@@ -119,7 +123,12 @@ def run_report(params: Params) -> Path:
                       md_table(online) + "\n\n" + "\n\n".join(
                           _link(report, layout.learning_curve_plot(params, d), f"learning curve {d}")
                           for d in params.protocol_c.datasets)),
-        SECTIONS[8]: ("Anomaly-map overlays of a fixed selection of test images per category (default model, "
+        SECTIONS[8]: ("Per category at the default center: the model input (height x width, tiles per image), "
+                      "the metrics, the image AUROC of each defect type against the good images, and what "
+                      "extraction cost per image (wall seconds, stored feature MiB). bench/geometry.py compares "
+                      "these rows across geometries (README, Input geometry).",
+                      md_table(geometry_table(geometry)) if geometry else "No Protocol B dataset."),
+        SECTIONS[9]: ("Anomaly-map overlays of a fixed selection of test images per category (default model, "
                       "its saved threshold), and t-SNE of projected features for each center distribution.",
                       "\n\n".join([_link(report, p, p.stem) for p in overlays]
                                   + [_link(report, layout.tsne_plot(params, d), f"t-SNE {d}")

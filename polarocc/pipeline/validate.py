@@ -30,7 +30,8 @@ def validate_environment(params: Params, backbone: bool = True) -> None:
     ``backbone=False`` leaves out :func:`validate_backbone` (the pipeline runs it as its own stage)."""
     if backbone:
         validate_backbone(params)
-    check_spec(params.embedded_data.categories, params.embedded_data.crop)
+    e = params.embedded_data
+    check_spec(e.categories, e.crop, e.variant)
     check_device(params.extract.device, "extract.device")
     check_device(params.score.device, "score.device")
     check_device(params.train.device, "train.device")

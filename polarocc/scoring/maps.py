@@ -56,9 +56,10 @@ def distance_maps(projector: Projector, center: torch.Tensor, features: torch.Te
     return project(projector, center, features, squared)[1]
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear upsampling of (N, h, w) maps to (N, size, size)."""
-    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of (N, h, w) maps to the model input's size (a square side or (height, width))."""
+    target = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return F.interpolate(maps[:, None], size=target, mode="bilinear", align_corners=False)[:, 0]
 
 
 def reduce_maps(maps: torch.Tensor, reduction: str = "max", topk: int = 10) -> torch.Tensor:
@@ -73,16 +74,16 @@ def reduce_maps(maps: torch.Tensor, reduction: str = "max", topk: int = 10) -> t
     raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
 
 
-def score_batch(projector: Projector, center: torch.Tensor, features: torch.Tensor, image_size: int,
+def score_batch(projector: Projector, center: torch.Tensor, features: torch.Tensor, image_size: int | tuple[int, int],
                 sigma: float, reduction: str = "max", topk: int = 10,
                 squared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anomaly maps (N, S, S), image scores (N,)) for a feature batch."""
+    """(anomaly maps (N, H, W) at the model input's ``image_size``, image scores (N,)) for a feature batch."""
     return finish_maps(distance_maps(projector, center, features, squared), image_size, sigma, reduction, topk)
 
 
-def finish_maps(feature_maps: torch.Tensor, image_size: int, sigma: float, reduction: str = "max",
+def finish_maps(feature_maps: torch.Tensor, image_size: int | tuple[int, int], sigma: float, reduction: str = "max",
                 topk: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps at feature resolution (N, h, w) -> (upsampled, smoothed maps (N, S, S), image scores (N,)).
+    """Maps at feature resolution (N, h, w) -> (upsampled, smoothed maps (N, H, W), image scores (N,)).
 
     Every detector (the projector and its peers) goes through this, so they are scored alike.
     """
