@@ -42,6 +42,8 @@ def test_tiled_full_frame_pipeline(params_dict: dict, tmp_path: Path) -> None:
     geometry = json.loads((project / "reports/geometry.json").read_text())["textures"]["brick"]
     assert set(geometry["image_auroc_by_defect"]) == {"tiny", "small", "border", "medium"}
     assert 0 <= geometry["aupro"] <= 1 and geometry["tiles_per_image"] == 3
+    assert set(geometry["pixel_by_defect"]) == {"tiny", "small", "border", "medium"}
+    assert all(0 <= v["aupro"] <= 1 and 0 <= v["pixel_auroc"] <= 1 for v in geometry["pixel_by_defect"].values())
     assert "## Input geometry" in (project / "reports/report.md").read_text()
 
     out = tmp_path / "predictions"

@@ -44,3 +44,31 @@ def test_the_experiments_differ_only_in_geometry() -> None:
         assert args[:6] == ["dvc", "exp", "run", "--temp", "-n", f"geometry-{name.replace('_', '-')}"]
         common = [a for a in args[6:] if a != "-S" and not a.startswith("backbone.")]
         assert common == [a for a in runs["paper"][6:] if a != "-S" and not a.startswith("backbone.")]
+
+
+def test_pixel_metrics_per_defect_type_use_that_type_and_the_good_images(extracted_project) -> None:
+    import numpy as np
+    import torch
+
+    from polarocc import layout
+    from polarocc.config import load_params
+    from polarocc.detector.stores import defect_type_pixel_metrics
+    from polarocc.features.store import FeatureStore
+    from polarocc.models.projector import Projector
+    from polarocc.scoring.maps import score_batch
+    from polarocc.scoring.metrics import aupro, pixel_auroc
+
+    params = load_params(extracted_project / "params.yaml")
+    store = FeatureStore(layout.feature_store(params, "mine", "brick"))
+    projector, center = Projector(store.channels, seed=2), torch.randn(store.channels)
+    per_type = defect_type_pixel_metrics(store, projector, center, params.score)
+    s = params.score
+    maps = score_batch(projector, center, torch.from_numpy(store.features("test")[:]).float(), store.geometry.size,
+                       s.sigma, s.reduction, s.topk, s.squared)[0].numpy()
+    masks = store.masks(slice(None))
+    kinds = np.array([x.defect_type for x in store.samples("test")])
+    assert set(per_type) == set(kinds) - {"good"}
+    for kind, metrics in per_type.items():
+        rows = (kinds == "good") | (kinds == kind)
+        assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(masks[rows], maps[rows]), abs=1e-6)
+        assert metrics["aupro"] == pytest.approx(aupro(masks[rows], maps[rows]), abs=1e-6)

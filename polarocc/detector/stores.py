@@ -6,6 +6,7 @@ scoring themselves are :func:`polarocc.training.fit.fit_projectors` and :mod:`po
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,6 +117,32 @@ def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]
         features = batch = z = distances = batch_maps = None  # freed before the heap is trimmed
         release_free_memory()
     return [np.concatenate(s) for s in scores]
+
+
+def defect_type_pixel_metrics(store: FeatureStore, projector: Projector, center: torch.Tensor, cfg: ScoreConfig,
+                               device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Pixel ROC AUC and AUPRO of each defect type: the maps of that type's images and of the good images, so a
+    type's small regions are not drowned by the others' (empty for an image-level category). One pass over the
+    test features; each type's accumulator is exact while it fits ``score.metrics_memory_mb``."""
+    if not store.has_masks:
+        return {}
+    kinds = [s.defect_type for s in store.samples("test")]
+    height, width = store.geometry.size
+    types = sorted(set(kinds) - {"good"})
+    good = kinds.count("good")
+    accumulators = {t: pixel_metrics_for((good + kinds.count(t)) * height * width, 1, cfg.metrics_memory_mb)[0]
+                    for t in types}
+    projector, center = projector.to(device), center.to(device=device, dtype=projector.weight.dtype)
+    for indices, features in store.batches("test", chunk_images(store.channels, *store.features("test").shape[2:])):
+        rows = slice(int(indices[0]), int(indices[-1]) + 1)
+        _, distances = project(projector, center, torch.from_numpy(features).to(device), cfg.squared)
+        maps = finish_maps(distances, (height, width), cfg.sigma, cfg.reduction, cfg.topk)[0].float().cpu().numpy()
+        masks = store.masks(rows)
+        for i, index in enumerate(indices):
+            targets = types if kinds[index] == "good" else [kinds[index]]
+            for t in targets:
+                accumulators[t].add(maps[i:i + 1], masks[i:i + 1])
+    return {t: {k: v for k, v in a.result().items() if k in ("pixel_auroc", "aupro")} for t, a in accumulators.items()}
 
 
 def pixel_accumulators(store: FeatureStore, models: int, cfg: ScoreConfig) -> list[PixelMetrics]:

@@ -25,7 +25,8 @@ from polarocc.detector import protocol_a
 from polarocc.detector.artefact import load_artefact
 from polarocc.detector.curves import LearningCurve
 from polarocc.detector.model_files import load_model
-from polarocc.detector.stores import fit_store
+from polarocc.detector.stores import defect_type_pixel_metrics, fit_store
+from polarocc.device import pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.reports.figures import overlay_grid, tsne_plot
@@ -159,11 +160,14 @@ def overlays(params: Params, dataset: str, category: str) -> None:
 
 
 def run_analyze(params: Params, progress: bool = True) -> dict:
-    """Write reports/analysis/{cosines,budget}.json, the t-SNE figures and the overlays."""
+    """Write reports/analysis/{cosines,budget,defect_types}.json, the t-SNE figures and the overlays."""
     torch.set_num_threads(os.cpu_count() or 1)
     seed = params.center.seed
     cosines: dict[str, dict] = {}
     budget: dict[str, dict] = {}
+    defect_types: dict[str, dict] = {}
+    c = params.center
+    device = pick_device(params.score.device, "score.device")
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     for dataset, category in tqdm(jobs, desc="analyze", unit="category", disable=not progress):
         store = FeatureStore(layout.feature_store(params, dataset, category))
@@ -171,6 +175,9 @@ def run_analyze(params: Params, progress: bool = True) -> dict:
         budget.setdefault(dataset, {})[category] = {"bias": budget_category(store, params, True),
                                                     "no_bias": budget_category(store, params, False)}
         overlays(params, dataset, category)
+        projector, center, _ = load_model(layout.model_file(params, c.norm, c.distribution, dataset, category), store)
+        defect_types.setdefault(dataset, {})[category] = defect_type_pixel_metrics(store, projector, center,
+                                                                                   params.score, device)
     for dataset, ds in params.protocol_a.datasets.items():
         store = FeatureStore(layout.feature_store(params, dataset, protocol_a.STORE_NAME))
         train, train_labels, _ = protocol_a.load_split(store, "train")
@@ -187,4 +194,5 @@ def run_analyze(params: Params, progress: bool = True) -> dict:
     out = layout.analysis_dir(params)
     write_json(out / "cosines.json", cosines)
     write_json(out / "budget.json", budget)
-    return {"cosines": cosines, "budget": budget}
+    write_json(out / "defect_types.json", defect_types)
+    return {"cosines": cosines, "budget": budget, "defect_types": defect_types}

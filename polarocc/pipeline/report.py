@@ -124,7 +124,7 @@ def run_report(params: Params) -> Path:
                           _link(report, layout.learning_curve_plot(params, d), f"learning curve {d}")
                           for d in params.protocol_c.datasets)),
         SECTIONS[8]: ("Per category at the default center: the model input (height x width, tiles per image), "
-                      "the metrics, the image AUROC of each defect type against the good images, and what "
+                      "the metrics, the image AUROC and AUPRO of each defect type against the good images, and what "
                       "extraction cost per image (wall seconds, stored feature MiB). bench/geometry.py compares "
                       "these rows across geometries (README, Input geometry).",
                       md_table(geometry_table(geometry)) if geometry else "No Protocol B dataset."),

@@ -1,5 +1,6 @@
-"""What the input geometry bought and cost: per category the default model's metrics, the image AUROC per defect
-type (border defects, the smallest defects), and extraction seconds and stored bytes per image.
+"""What the input geometry bought and cost: per category the default model's metrics, the image AUROC and the
+pixel metrics per defect type (border defects, the smallest defects), and extraction seconds and stored bytes
+per image.
 
 The rows of one run form ``reports/geometry.json`` (a DVC metrics file); ``bench/geometry.py`` puts the rows of
 several experiments (paper crop, full frame, tiled) side by side.
@@ -31,10 +32,12 @@ def defect_type_aurocs(scores: list[float], labels: list[int], defect_types: lis
 
 
 def geometry_metrics(params: Params) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per Protocol B dataset and category: the geometry, the default model's metrics, image AUROC per defect type,
-    and the extraction's seconds and bytes per image (reports/extract/<dataset>.json)."""
+    """Per Protocol B dataset and category: the geometry, the default model's metrics, image AUROC per defect type
+    (from its scores), pixel ROC AUC and AUPRO per defect type (reports/analysis/defect_types.json), and the
+    extraction's seconds and bytes per image (reports/extract/<dataset>.json)."""
     c = params.center
     results = json.loads(layout.norm_scores(params, c.norm).read_text())["results"][c.distribution]
+    pixel_by_defect = json.loads((layout.analysis_dir(params) / "defect_types.json").read_text())
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for dataset, ds in params.datasets.items():
         record = json.loads(layout.extraction_record(params, dataset).read_text())["categories"]
@@ -45,6 +48,7 @@ def geometry_metrics(params: Params) -> dict[str, dict[str, dict[str, Any]]]:
                 "crop": e["geometry"]["crop"] is not None, "tiles_per_image": e["tiles_per_image"],
                 "image_auroc": r["image_auroc"], "pixel_auroc": r.get("pixel_auroc"), "aupro": r.get("aupro"),
                 "image_auroc_by_defect": defect_type_aurocs(r["scores"], r["labels"], r["defect_types"]),
+                "pixel_by_defect": pixel_by_defect.get(dataset, {}).get(category, {}),
                 "seconds_per_image": e["seconds_per_image"], "feature_bytes_per_image": e["feature_bytes_per_image"],
                 "store_bytes_per_image": e["store_bytes_per_image"]}
     return out
@@ -61,6 +65,7 @@ def geometry_table(metrics: dict[str, dict[str, dict[str, Any]]], label: str | N
                     "tiles": m["tiles_per_image"], "image_auroc": m["image_auroc"],
                     "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
                     **{f"auroc_{kind}": v for kind, v in m["image_auroc_by_defect"].items()},
+                    **{f"aupro_{kind}": round(v["aupro"], 4) for kind, v in m.get("pixel_by_defect", {}).items()},
                     "s_per_image": m["seconds_per_image"],
                     "feature_MiB_per_image": round(m["feature_bytes_per_image"] / MIB, 3)}
             rows.append(row)
