@@ -198,11 +198,12 @@ def planned_geometry(params: Params) -> tuple[Geometry, str]:
         first = min(folder.iterdir(), default=None) if folder.is_dir() else None
         if first is not None and first.is_file():
             width, height = image_size(first)
-            return spec.resolve((height, width), f"{name}/{ds.categories[0]}"), f"{first} ({width}x{height})"
+            return (spec.resolve((height, width), f"{name}/{ds.categories[0]}"),
+                    f"{first} ({height}x{width}, height x width)")
     from polarocc.data.textures import image_shape
 
     size = image_shape(params.embedded_data.image_size, params.embedded_data.variant)
-    return spec.resolve(size, "the embedded data"), f"embedded_data ({size[1]}x{size[0]})"
+    return spec.resolve(size, "the embedded data"), f"embedded_data ({size[0]}x{size[1]})"
 
 
 def protocol_b_layout(params: Params, shape: BackboneShape) -> StoreLayout:

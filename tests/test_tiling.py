@@ -164,7 +164,8 @@ def test_saved_geometry_round_trips(detectors: dict[str, Detector], tmp_path: Pa
     for name, detector in detectors.items():
         loaded = Detector.load(detector.save(tmp_path / f"{name}.pt"), progress=False)
         assert loaded.geometry == detector.geometry
-        assert loaded.tiles == detector.geometry.record().get("tiles")
+        for key in ("resize", "crop", "tiles"):  # the parameters as given (aspect kept), not the resolved size
+            assert loaded.get_params()[key] == GEOMETRIES[name].get(key), key
         np.testing.assert_allclose(loaded.score([image]), detector.score([image]), rtol=1e-6)
 
 
@@ -182,3 +183,12 @@ def test_predict_writes_maps_at_each_image_size(detectors: dict[str, Detector], 
         stem = Path(file).stem
         assert np.load(tmp_path / "out" / "maps" / f"{stem}.npy").shape == size
         assert Image.open(tmp_path / "out" / "overlays" / f"{stem}.png").size[0] >= size[1]
+
+
+def test_a_given_tiled_extractor_is_retiled_as_the_model_was(detectors: dict[str, Detector], lite0,
+                                                              tmp_path: Path) -> None:
+    image = _with_defect(_normal(np.random.default_rng(4)), DEFECTS["inside"])
+    path = detectors["tiled"].save(tmp_path / "tiled.pt")
+    other = Detector.load(path, extractor=TiledExtractor(lite0, Tiles(128, 0.5)), progress=False)
+    assert other.extractor.tiles == Tiles(64, 0.25)
+    np.testing.assert_allclose(other.score([image]), detectors["tiled"].score([image]), rtol=1e-6)

@@ -125,7 +125,8 @@ def cold_start_artefact(params: Params, extractor: FeatureExtractor, first_image
                           "first image to size the model input")
     else:
         width, height = image_size(first_image)
-        geometry = spec_geometry.resolve((height, width), f"the stream's first image {first_image}")
+        geometry = spec_geometry.resolve((height, width), f"the stream's first image {first_image} "
+                                                                f"({height}x{width}, height x width)")
     spec = for_geometry(extractor, geometry).spec(geometry.size)
     center = make_center(params.center.distribution, params.center.norm, spec.channels, params.center.seed)
     projector = Projector(spec.channels, params.projector.kind, params.projector.bias, seed=params.train.seed,

@@ -68,7 +68,7 @@ def _resolve_geometry(backbone: BackboneConfig, first: SourceImage) -> Geometry:
     if spec.fixed:
         return spec.resolve()
     height, width = first.rgb().shape[:2]
-    return spec.resolve((height, width), f"the first image ({width}x{height})")
+    return spec.resolve((height, width), f"the first image ({height}x{width}, height x width)")
 
 
 def _build_model_extractor(artefact: ModelArtefact) -> FeatureExtractor:
@@ -278,7 +278,8 @@ class Detector:
         of :attr:`projector_` and :attr:`center_`."""
         b, g, s, t, p = artefact.backbone, artefact.geometry, artefact.score, artefact.train, artefact.provenance
         detector = cls(backbone=b["name"], weights=b["weights"], layers=tuple(b["layers"]), pool=int(b["pool"]),
-                       resize=g["resize"], crop=g["crop"], tiles=g.get("tiles"), mean=b.get("mean"), std=b.get("std"),
+                       resize=b.get("resize", g["resize"]), crop=b.get("crop", g["crop"]),
+                       tiles=b.get("tiles", g.get("tiles")), mean=b.get("mean"), std=b.get("std"),
                        sigma=s["sigma"], reduction=s["reduction"], topk=s["topk"], squared=s["squared"],
                        feature_dtype=s.get("feature_dtype", "float32"), device=device, progress=progress)
         for name, key, source in (("center", "distribution", p), ("norm", "norm", p), ("lr", "lr", t),
@@ -289,8 +290,9 @@ class Detector:
         detector.artefact_ = artefact
         detector._dtype = dtype
         if extractor is not None:
-            if not isinstance(extractor, TiledExtractor):  # a shared plain backbone: tiled as the model needs
-                extractor = for_geometry(extractor, detector.geometry)
+            # The plain backbone, tiled as the model was trained (a given tiled one may cut other tiles).
+            extractor = for_geometry(extractor.inner if isinstance(extractor, TiledExtractor) else extractor,
+                                     detector.geometry)
             detector._extractor = extractor.to(detector._device)
             detector._check_extractor(detector._extractor)
         return detector

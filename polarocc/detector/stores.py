@@ -130,8 +130,9 @@ def defect_type_pixel_metrics(store: FeatureStore, projector: Projector, center:
     height, width = store.geometry.size
     types = sorted(set(kinds) - {"good"})
     good = kinds.count("good")
-    accumulators = {t: pixel_metrics_for((good + kinds.count(t)) * height * width, 1, cfg.metrics_memory_mb)[0]
-                    for t in types}
+    # Every type's accumulator is alive at once (the good maps in each): they share the budget.
+    budget = cfg.metrics_memory_mb / max(len(types), 1)
+    accumulators = {t: pixel_metrics_for((good + kinds.count(t)) * height * width, 1, budget)[0] for t in types}
     projector, center = projector.to(device), center.to(device=device, dtype=projector.weight.dtype)
     for indices, features in store.batches("test", chunk_images(store.channels, *store.features("test").shape[2:])):
         rows = slice(int(indices[0]), int(indices[-1]) + 1)

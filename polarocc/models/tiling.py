@@ -109,14 +109,22 @@ class TiledExtractor(nn.Module):
             images = images[:, ys][:, :, xs]
         tile = size // stride
         out_h, out_w = full_h // stride, full_w // stride
+        tracing = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
         total = weights_sum = None
         for a, top in enumerate(rows):
             along_y = edge_ramp(tile, a > 0, a < len(rows) - 1)
             for b, left in enumerate(columns):
                 weight = (along_y[:, None] * edge_ramp(tile, b > 0, b < len(columns) - 1)[None]).to(images.device)
                 features = self.inner.compute(images[:, top:top + size, left:left + size].contiguous()).float()
-                # Padding each weighted tile to the full map (instead of adding into a slice) keeps the graph
-                # free of in-place writes, which the ONNX export can then trace.
+                y, x = top // stride, left // stride
+                if not tracing:  # added into its slice: the same sums, without a full-size map per tile
+                    if total is None:
+                        total = features.new_zeros((features.shape[0], features.shape[1], out_h, out_w))
+                        weights_sum = weight.new_zeros((out_h, out_w))
+                    total[..., y:y + tile, x:x + tile] += features * weight
+                    weights_sum[y:y + tile, x:x + tile] += weight
+                    continue
+                # For the ONNX tracer: each weighted tile padded to the full map (no in-place writes to trace).
                 pad = (left // stride, out_w - left // stride - tile, top // stride, out_h - top // stride - tile)
                 placed = F.pad(features * weight, pad)
                 spread = F.pad(weight, pad)

@@ -109,7 +109,8 @@ def category_geometry(params: Params, samples: dict[str, list[Sample]], name: st
         return spec.resolve()
     first = samples["train"][0].path
     width, height = image_size(first)
-    return spec.resolve((height, width), f"{name} (whose first training image {first.name} is {width}x{height})")
+    return spec.resolve((height, width),
+                        f"{name} (whose first training image {first.name} is {height}x{width}, height x width)")
 
 
 def _extract_on_cluster(params: Params, dataset: str, samples: dict, layouts: dict[str, fs.StoreLayout],
