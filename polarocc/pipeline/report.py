@@ -125,9 +125,11 @@ def run_report(params: Params) -> Path:
                           for d in params.protocol_c.datasets)),
         SECTIONS[8]: ("Per category at the default center: the model input (height x width, tiles per image), "
                       "the metrics, the image AUROC and AUPRO of each defect type against the good images, and what "
-                      "extraction cost per image (wall seconds, stored feature MiB). bench/geometry.py compares "
-                      "these rows across geometries (README, Input geometry).",
-                      md_table(geometry_table(geometry)) if geometry else "No Protocol B dataset."),
+                      "extraction stores per image (feature MiB; its wall seconds per image, which vary from run "
+                      "to run, are in reports/geometry.json, so this report stays byte-reproducible). "
+                      "bench/geometry.py compares these rows across geometries (README, Input geometry).",
+                      md_table(geometry_table(geometry).drop("s_per_image")) if geometry
+                      else "No Protocol B dataset."),
         SECTIONS[9]: ("Anomaly-map overlays of a fixed selection of test images per category (default model, "
                       "its saved threshold), and t-SNE of projected features for each center distribution.",
                       "\n\n".join([_link(report, p, p.stem) for p in overlays]
