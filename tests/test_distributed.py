@@ -167,7 +167,7 @@ def test_cuda_tasks_ask_for_a_gpu_so_each_gpu_runs_one_at_a_time(tmp_path: Path,
     samples = {split: [Sample(Path(f"{split}/{i}.png"), 0) for i in range(8)] for split in fs.SPLITS}
     layout = fs.StoreLayout(4, 2, 2, 8, shard_images=1)
     for device, expected_peak in (("cuda", 1), ("cpu", 4)):
-        spec = distributed.WorkerSpec("x", (1,), 3, "none", None, None, 8, 8, 1, "float16", device)
+        spec = distributed.WorkerSpec("x", (1,), 3, "none", None, None, {"resize": 8, "crop": 8}, 1, "float16", device)
         cluster = LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None,
                                resources={"GPU": 1})
         _CONCURRENCY["peak"] = 0
