@@ -60,14 +60,16 @@ def validate(params: Path = PARAMS) -> None:
 @_user_errors
 def plan(params: Path = PARAMS,
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
-    """Before running: images per split, bytes of features, statistics, models and DVC cache, free disk and peak
-    memory per stage (estimates); exits 1 when the run does not fit this machine."""
+    """Before running: images per split, bytes of features, statistics, models and DVC cache, free disk, peak
+    memory and expected time per stage (estimates); exits 1 when the run does not fit this machine."""
     import json
 
     from polarocc.config import load_params
     from polarocc.planning import format_plan, make_plan
+    from polarocc.timing import with_stage_times
 
-    result = make_plan(load_params(params))
+    loaded = load_params(params)
+    result = with_stage_times(loaded, make_plan(loaded))
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_plan(result))
     if not result.fits:
         raise typer.Exit(1)

@@ -197,8 +197,12 @@ class ProtocolCConfig:
 
     datasets: tuple[str, ...] = ()
     seed: int = 1024
+    # Every learning-curve checkpoint scores about this many test images (a seeded sample stratified by defect
+    # type; 0: the whole split); the final metrics, the reported result, score the whole split.
+    curve_test_images: int = 100
 
-    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"datasets": list_of(DATASET_NAME, min_len=0), "seed": SEED}
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {"datasets": list_of(DATASET_NAME, min_len=0), "seed": SEED,
+                                              "curve_test_images": integer(0)}
 
 
 @dataclass(frozen=True)
@@ -209,14 +213,16 @@ class PeersConfig:
     coreset_ratio: float = 0.01  # PatchCore: fraction of patch features kept by the greedy coreset
     k: int = 1  # PatchCore: nearest bank vectors averaged per patch
     projection_dim: int = 128  # PatchCore: random projection used while selecting the coreset
-    bank_limit: int = 1_000_000  # PatchCore: at most this many training vectors (a seeded sample) are held
+    # PatchCore: at most this many training vectors (a seeded sample) are held and thinned by the coreset;
+    # None holds them all (PatchCore's paper). The greedy coreset costs coreset size x held vectors.
+    bank_limit: int | None = 250_000
     padim_channels: int = 100  # PaDiM: random channel subset (0 keeps all)
     padim_covariance: str = "per_position"  # PaDiM: per_position | shared (memory-aware)
     padim_eps: float = 0.01
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
         "methods": list_of(one_of(*PEER_METHODS), min_len=0), "coreset_ratio": real(0, 1, low_open=True),
-        "k": POSITIVE, "projection_dim": POSITIVE, "bank_limit": POSITIVE, "padim_channels": integer(0),
+        "k": POSITIVE, "projection_dim": POSITIVE, "bank_limit": optional(POSITIVE), "padim_channels": integer(0),
         "padim_covariance": one_of("per_position", "shared"), "padim_eps": real(0, low_open=True)}
 
 
@@ -226,12 +232,14 @@ class AnalysisConfig:
 
     tolerance: float = 0.01  # a norm is feasible while its AUROC is within this of the best swept norm
     budget_epochs: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 50)  # AUROC-vs-epoch evaluation points
+    # Every budget epoch scores about this many test images (seeded, stratified by defect type; 0: all).
+    budget_test_images: int = 100
     tsne_points: int = 600  # per center distribution
     overlays_per_category: int = 3
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
         "tolerance": real(0, 1, high_open=True), "budget_epochs": list_of(POSITIVE, increasing=True),
-        "tsne_points": integer(4), "overlays_per_category": POSITIVE}
+        "budget_test_images": integer(0), "tsne_points": integer(4), "overlays_per_category": POSITIVE}
 
 
 @dataclass(frozen=True)

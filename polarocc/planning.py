@@ -113,6 +113,15 @@ class RunPlan:
     disk: dict[str, Any]  # target, checked (nearest existing folder), free, needed, existing, fits
     memory: dict[str, Any]  # total, extract, train, score (peak estimates, bytes), fits
     notes: list[str] = field(default_factory=list)
+    # expected seconds of each stage, filled in by polarocc.timing.with_stage_times from bench/runtime.py's costs:
+    # {stage: {seconds, runs, controls}}
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timing_source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expected_seconds(self) -> float:
+        """The whole run's expected seconds (the sum of the stages')."""
+        return sum(s["seconds"] for s in self.stages.values())
 
     @property
     def fits(self) -> bool:
@@ -124,7 +133,9 @@ class RunPlan:
         return {"backbone": asdict(self.backbone), "statistics": self.statistics,
                 "datasets": [d.to_dict() for d in self.datasets], "store_bytes": self.store_bytes.to_dict(),
                 "model_bytes": self.model_bytes, "dvc_cache": self.dvc_cache, "disk": self.disk,
-                "memory": self.memory, "fits": self.fits, "estimate_constants": dict(ESTIMATE), "notes": self.notes}
+                "memory": self.memory, "fits": self.fits, "estimate_constants": dict(ESTIMATE), "notes": self.notes,
+                "stages": self.stages, "expected_seconds": round(self.expected_seconds, 1),
+                "timing_source": self.timing_source}
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -460,6 +471,16 @@ def make_plan(params: Params, shape: BackboneShape | None = None) -> RunPlan:
                    {"link": link, "types": types, "bytes": cache}, disk, memory, notes)
 
 
+def human_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``2 h 10 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
@@ -493,5 +514,20 @@ def format_plan(plan: RunPlan) -> str:
                  + ("fits" if disk["fits"] else "DOES NOT FIT"))
     lines.append(f"memory (estimates): extract {h(mem['extract'])}, train {h(mem['train'])}, score "
                  f"{h(mem['score'])} of {h(mem['total'])}: " + ("fits" if mem["fits"] else "DOES NOT FIT"))
+    if plan.stages:
+        src = plan.timing_source
+        lines.append(f"expected time: {human_seconds(plan.expected_seconds)} for a full `dvc repro` (per-unit costs "
+                     f"measured by {src.get('source', '?')} on {src.get('machine', '?')}; a guide, within about 2x)")
+        rows = [["stage", "runs", "expected", "shorter with"]]
+        rows += [[name, str(st["runs"]), human_seconds(st["seconds"]), st["controls"]] for name, st in
+                 plan.stages.items()]
+        lines += ["  " + line for line in _time_table(rows)]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _time_table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i in (1, 2) else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths,
+                                                                                                     strict=True)))
+            .rstrip() for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -33,3 +34,18 @@ class Reservoir:
             keep = slots < self.limit
             self.rows[slots[keep]] = rest[keep]
         self.seen += len(block)
+
+
+def stratified_rows(groups: list[str], count: int, seed: int = 1024) -> np.ndarray:
+    """Ascending indices of a seeded sample of about ``count`` items (all when ``count`` is 0 or covers them),
+    drawn from every group in proportion to its size (rounded) and at least one from each, so a small sample still
+    holds every defect type and the good images; with more groups than ``count`` it holds one of each."""
+    n = len(groups)
+    if count <= 0 or count >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    names = sorted(set(groups))
+    members = {g: np.flatnonzero(np.asarray(groups) == g) for g in names}
+    take = {g: max(1, round(count * len(members[g]) / n)) for g in names}
+    return np.sort(np.concatenate([rng.choice(members[g], min(take[g], len(members[g])), replace=False)
+                                   for g in names]))

@@ -22,6 +22,7 @@ ROWS: list[tuple[str, ...]] = [
     ("analysis",),
     ("planning",),
     ("detector",),
+    ("timing",),
     ("deploy",),
     ("reports",),
     ("pipeline",),
@@ -103,7 +104,7 @@ def test_the_check_finds_a_climb_and_a_stage_import(tmp_path: Path, monkeypatch)
     (package / "pipeline" / "train.py").write_text("from polarocc import layout\n")
     monkeypatch.setattr("tests.test_layers.ROOT", tmp_path)
     assert violations(package) == [
-        "polarocc.models.bad imports polarocc.deploy.predict (row 12 above its row 4)",
+        "polarocc.models.bad imports polarocc.deploy.predict (row 13 above its row 4)",
         "stage module polarocc.pipeline.export imports stage module polarocc.pipeline.score",
         "stage module polarocc.pipeline.score imports stage module polarocc.pipeline.train",
     ]

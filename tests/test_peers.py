@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist, mahalanobis
 
+from polarocc.peers import patchcore
 from polarocc.peers.padim import PaDiM
 from polarocc.peers.patchcore import PatchCore, greedy_coreset
 
@@ -98,3 +99,39 @@ def test_patchcore_bank_limit_bounds_the_bank() -> None:
     assert limited.bank.shape == (30, 5)
     every = train.permute(0, 2, 3, 1).reshape(-1, 5)
     assert all((every == row).all(1).any() for row in limited.bank)  # a sample of the real vectors
+
+
+def _reference_coreset(bank: torch.Tensor, size: int, projection_dim: int, seed: int) -> np.ndarray:
+    """The farthest-point rule written plainly (the code before the fused update), with the same random draws."""
+    generator = torch.Generator().manual_seed(seed)
+    points = bank.float()
+    if projection_dim < bank.shape[1]:
+        points = points @ (torch.randn(bank.shape[1], projection_dim, generator=generator) / projection_dim ** 0.5)
+    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
+    nearest = ((points - points[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, size):
+        chosen.append(int(torch.argmax(nearest)))
+        nearest = torch.minimum(nearest, ((points - points[chosen[-1]]) ** 2).sum(1))
+    return np.array(chosen)
+
+
+def test_fused_coreset_projects_and_picks_as_the_plain_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    # Clustered data (as patch features are), projected from 40 to 16 dimensions in blocks smaller than the bank.
+    centers = rng.standard_normal((25, 40)) * 4
+    bank = torch.from_numpy((centers[rng.integers(0, 25, 3000)] + rng.standard_normal((3000, 40))).astype(np.float32))
+    monkeypatch.setattr(patchcore, "PROJECT_ROWS", 700)
+    chosen = greedy_coreset(bank, 60, projection_dim=16, seed=11, progress="coreset").numpy()
+    assert np.array_equal(chosen, _reference_coreset(bank, 60, 16, 11))
+    # The first 25 picks find the 25 clusters (each pick is the farthest point: a new cluster while one is empty).
+    assert len({int(np.argmin(((centers - bank[i].numpy()) ** 2).sum(1))) for i in chosen[:25]}) == 25
+
+
+def test_patchcore_without_a_bank_limit_holds_every_vector() -> None:
+    rng = np.random.default_rng(8)
+    train = torch.from_numpy(rng.standard_normal((5, 6, 4, 4)).astype(np.float32))
+    peer = PatchCore(coreset_ratio=0.5, bank_limit=None, device="cpu").fit(train)
+    assert peer.bank.shape == (40, 6) and peer.bank.device.type == "cpu"  # half of 5 x 16 vectors
+    test = torch.from_numpy(rng.standard_normal((2, 6, 4, 4)).astype(np.float32))
+    expected = cdist(test.permute(0, 2, 3, 1).reshape(-1, 6).numpy(), peer.bank.numpy()).min(1).reshape(2, 4, 4)
+    np.testing.assert_allclose(peer.distance_maps(test).numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from polarocc.analysis.polar import PolarAccumulator, store_position_labels
 from polarocc.config import Params, ScoreConfig, TrainConfig
 from polarocc.device import pick_device
 from polarocc.errors import MissingOutputError
 from polarocc.features.budget import STORED, STREAMED, resolve_statistics
-from polarocc.features.store import FeatureStore, RowSubset
+from polarocc.features.store import CachedRows, FeatureStore, RowSubset
 from polarocc.memory import release_free_memory
 from polarocc.models.centers import make_center
 from polarocc.models.projector import Projector
@@ -84,38 +85,45 @@ def fit_store(store: FeatureStore, params: Params, norm: float, distributions: t
                           lambda distribution: f"the {distribution} center of norm {norm:g}")
 
 
-def score_store(store: FeatureStore, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
+def score_store(store: FeatureStore | CachedRows, models: list[tuple[Projector, torch.Tensor]], cfg: ScoreConfig,
                 device: str = "cpu", split: str = "test", pixel: list[PixelMetrics] | None = None,
-                polar: list[PolarAccumulator] | None = None) -> list[np.ndarray]:
-    """Per model, the image scores (N,) of a store's split.
+                polar: list[PolarAccumulator] | None = None, rows: np.ndarray | None = None,
+                progress: str | None = None) -> list[np.ndarray]:
+    """Per model, the image scores (N,) of a store's split (of its images ``rows`` only, ascending, when given).
 
     The features are read once, a few images at a time (:func:`chunk_images`), and shared by every model; no
     map outlives its chunk. With ``pixel`` (one accumulator per model, test split) the maps and their masks feed the
-    pixel metrics; with ``polar`` (likewise) the projected features feed the polar diagnostics.
+    pixel metrics; with ``polar`` (likewise, whole split) the projected features feed the polar diagnostics.
+    ``progress``: the label of a progress bar over the images (none when None).
     """
+    if polar is not None and rows is not None:
+        raise ValueError("polar diagnostics need the whole split: pass rows=None")
     models = [(p.to(device), c.to(device=device, dtype=p.weight.dtype)) for p, c in models]
     size = store.geometry.size
     step = chunk_images(store.channels, *store.features(split).shape[2:])
     scores: list[list[np.ndarray]] = [[] for _ in models]
     z = distances = batch_maps = None
     image_labels = None if polar is None else np.array([s.label for s in store.samples("test")])
+    total = store.features(split).shape[0] if rows is None else len(rows)
     # A few images at a time, read as such (the stores chunk each image within a shard): the float32 work and
     # the reads scale with this chunk, not with the shard, so a small test split peaks as high as a large one.
-    for indices, features in store.batches(split, step):
-        rows = slice(int(indices[0]), int(indices[-1]) + 1)
-        masks = None if pixel is None else store.masks(rows)
-        labels = None if polar is None else store_position_labels(store, rows, image_labels)
-        batch = torch.from_numpy(features).to(device)
-        for i, (projector, center) in enumerate(models):
-            z, distances = project(projector, center, batch, cfg.squared)
-            batch_maps, batch_scores = finish_maps(distances, size, cfg.sigma, cfg.reduction, cfg.topk)
-            if labels is not None:
-                polar[i].add(z, labels)
-            if masks is not None:
-                pixel[i].add(batch_maps.float().cpu().numpy(), masks)
-            scores[i].append(batch_scores.double().cpu().numpy())
-        features = batch = z = distances = batch_maps = None  # freed before the heap is trimmed
-        release_free_memory()
+    with tqdm(total=total, desc=progress, unit="image", leave=False, disable=progress is None) as bar:
+        for indices, features in store.chunks(split, step, rows):
+            chosen = slice(int(indices[0]), int(indices[-1]) + 1) if rows is None else indices
+            masks = None if pixel is None else store.masks(chosen)
+            labels = None if polar is None else store_position_labels(store, chosen, image_labels)
+            batch = torch.from_numpy(features).to(device)
+            for i, (projector, center) in enumerate(models):
+                z, distances = project(projector, center, batch, cfg.squared)
+                batch_maps, batch_scores = finish_maps(distances, size, cfg.sigma, cfg.reduction, cfg.topk)
+                if labels is not None:
+                    polar[i].add(z, labels)
+                if masks is not None:
+                    pixel[i].add(batch_maps.float().cpu().numpy(), masks)
+                scores[i].append(batch_scores.double().cpu().numpy())
+            features = batch = z = distances = batch_maps = None  # freed before the heap is trimmed
+            release_free_memory()
+            bar.update(len(indices))
     return [np.concatenate(s) for s in scores]
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,42 @@ class RowSubset:
         return read_rows(self.array, self.rows[rows])
 
 
+class CachedRows:
+    """Some rows of a store's split held in memory, read through the store's interface: what a learning curve
+    scores at every checkpoint is read from disk once. Every other read goes to the store."""
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray, split: str = "test") -> None:
+        self.store, self.split = store, split
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.held = read_rows(store.features(split), self.rows)
+        self.held_masks = read_rows(store.group[f"{split}/masks"], self.rows) if split == "test" else None
+
+    @staticmethod
+    def nbytes(store: FeatureStore, rows: int, split: str = "test") -> int:
+        """Bytes ``rows`` images of ``store``'s split take when held (features as stored, masks)."""
+        array = store.features(split)
+        masks = int(np.prod(store.geometry.size)) if split == "test" else 0
+        return rows * (int(np.prod(array.shape[1:])) * array.dtype.itemsize + masks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def chunks(self, split: str, size: int, rows: np.ndarray | None = None,
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """As :meth:`FeatureStore.chunks`, from memory when ``rows`` are the held ones."""
+        if split != self.split or rows is None or not np.array_equal(rows, self.rows):
+            yield from self.store.chunks(split, size, rows)
+            return
+        for start in range(0, len(self.rows), size):
+            yield self.rows[start:start + size], self.held[start:start + size]
+
+    def masks(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """As :meth:`FeatureStore.masks`, from memory for held rows."""
+        if self.held_masks is None or isinstance(rows, slice) or not np.isin(rows, self.rows).all():
+            return self.store.masks(rows)
+        return self.held_masks[np.searchsorted(self.rows, rows)]
+
+
 class FeatureStore:
     """Read access to one complete category store."""
 
@@ -300,6 +337,24 @@ class FeatureStore:
             raise ModelError(f"{model} was trained on other features than {self.path} holds now; rerun the train "
                              "stage (dvc repro)")
 
-    def masks(self, rows: slice = slice(None)) -> np.ndarray:
-        """Test masks (N, H, W) bool at the model input's size, of the images ``rows`` only if given."""
-        return self.group["test/masks"][rows]
+    def masks(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Test masks (N, H, W) bool at the model input's size, of the images ``rows`` (a slice or ascending
+        indices) only if given."""
+        if isinstance(rows, slice):
+            return self.group["test/masks"][rows]
+        return read_rows(self.group["test/masks"], rows)
+
+    def chunks(self, split: str, size: int, rows: np.ndarray | None = None,
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (indices, features) blocks of at most ``size`` images: consecutive ones, or of ``rows`` only
+        (ascending and unique) when given."""
+        if rows is None:
+            yield from self.batches(split, size)
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        if np.any(np.diff(rows) <= 0):
+            raise ValueError("rows must be ascending and unique (they are read, and returned, in that order)")
+        array = self.features(split)
+        for start in range(0, len(rows), size):
+            chunk = np.asarray(rows[start:start + size], dtype=np.int64)
+            yield chunk, read_rows(array, chunk)

@@ -31,20 +31,27 @@ from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
 from polarocc.reports.figures import overlay_grid, tsne_plot
 from polarocc.scoring.maps import project, score_batch
+from polarocc.training.progress import ImagesSeen, both
 
 
 def _with_bias(params: Params, bias: bool) -> Params:
     return replace(params, projector=replace(params.projector, bias=bias))
 
 
-def budget_category(store: FeatureStore, params: Params, bias: bool) -> list[dict]:
-    """Test AUROC of the default variant after each of ``analysis.budget_epochs`` (bias on or off)."""
+def budget_category(store: FeatureStore, params: Params, bias: bool, progress: bool = False) -> list[dict]:
+    """Test AUROC of the default variant after each of ``analysis.budget_epochs`` (bias on or off), on a seeded
+    sample of about ``analysis.budget_test_images`` test images."""
     n = store.features("train").shape[0]
-    epochs = [e for e in params.analysis.budget_epochs if e <= params.train.epochs]
+    a = params.analysis
+    epochs = [e for e in a.budget_epochs if e <= params.train.epochs]
     c = params.center
     center = store.centers((c.distribution,), c.norm, c.seed)[c.distribution]
-    curve = LearningCurve(store, center, params.score, [e * n for e in epochs])
-    fit_store(store, _with_bias(params, bias), c.norm, (c.distribution,), on_step=curve)
+    curve = LearningCurve(store, center, params.score, [e * n for e in epochs], sample_images=a.budget_test_images,
+                          seed=params.train.seed, whole_split_at_end=False)
+    with tqdm(total=n * params.train.epochs, desc=f"  {store.path.stem} budget, bias {bias}", unit="image",
+              unit_scale=True, leave=False, disable=not progress) as bar:
+        fit_store(store, _with_bias(params, bias), c.norm, (c.distribution,),
+                  on_step=both(curve, ImagesSeen(bar, [c.distribution])))
     return [{"epoch": seen // n, **point} for seen, point in sorted(curve.points.items())]
 
 
@@ -172,8 +179,8 @@ def run_analyze(params: Params, progress: bool = True) -> dict:
     for dataset, category in tqdm(jobs, desc="analyze", unit="category", disable=not progress):
         store = FeatureStore(layout.feature_store(params, dataset, category))
         cosines.setdefault(dataset, {})[category] = store_cosines(store, seed)
-        budget.setdefault(dataset, {})[category] = {"bias": budget_category(store, params, True),
-                                                    "no_bias": budget_category(store, params, False)}
+        budget.setdefault(dataset, {})[category] = {"bias": budget_category(store, params, True, progress),
+                                                    "no_bias": budget_category(store, params, False, progress)}
         overlays(params, dataset, category)
         projector, center, _ = load_model(layout.model_file(params, c.norm, c.distribution, dataset, category), store)
         defect_types.setdefault(dataset, {})[category] = defect_type_pixel_metrics(store, projector, center,

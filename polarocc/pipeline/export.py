@@ -16,10 +16,11 @@ from polarocc.detector.threshold import held_out_rows
 from polarocc.device import pick_device
 from polarocc.errors import ConfigError, ModelError
 from polarocc.features.store import FeatureStore
+from polarocc.training.progress import ImagesSeen
 
 
 def variant_artefact(params: Params, norm: float, distribution: str, dataset: str, category: str,
-                     device: str = "cpu") -> ModelArtefact:
+                     device: str = "cpu", progress: bool = False) -> ModelArtefact:
     """The model file's content for one Protocol B variant after `dvc repro` trained it.
 
     With ``deploy.holdout`` > 0 the file's projector is trained again, in the same way, on the category's
@@ -48,19 +49,22 @@ def variant_artefact(params: Params, norm: float, distribution: str, dataset: st
         return build_artefact(projector, center, store, params, {**meta["train"], "history": meta["history"]},
                               provenance, device)
     kept = np.setdiff1d(np.arange(n_train), held)
-    [(projector, center, history)] = fit_store(store, params, norm, (distribution,), rows=kept).values()
+    with tqdm(total=len(kept) * params.train.epochs, desc=f"  {category} without the held-out images", unit="image",
+              unit_scale=True, leave=False, disable=not progress) as bar:
+        [(projector, center, history)] = fit_store(store, params, norm, (distribution,), rows=kept,
+                                                   on_step=ImagesSeen(bar, [distribution])).values()
     train = {**vars(params.train), "history": history.to_dict()}
     provenance.update(trained_on=len(kept), held_out=len(held))
     return build_artefact(projector, center, store, params, train, provenance, device, held_out=held)
 
 
 def export_variant(params: Params, norm: float, distribution: str, dataset: str, category: str,
-                   out: Path | None = None, device: str = "cpu") -> Path:
+                   out: Path | None = None, device: str = "cpu", progress: bool = False) -> Path:
     """Save one trained Protocol B variant as a model file (default: models/deploy/<dataset>/<category>.pt);
     see :func:`variant_artefact`."""
     target = out or layout.deploy_model(params, dataset, category)
     check_model_target(target)
-    return save_artefact(target, variant_artefact(params, norm, distribution, dataset, category, device))
+    return save_artefact(target, variant_artefact(params, norm, distribution, dataset, category, device, progress))
 
 
 def run_export(params: Params, progress: bool = True) -> list[Path]:
@@ -69,5 +73,5 @@ def run_export(params: Params, progress: bool = True) -> list[Path]:
     jobs = [(d, c) for d, ds in params.datasets.items() for c in ds.categories]
     layout.deploy_dir(params).mkdir(parents=True, exist_ok=True)  # the stage's output, empty without Protocol B
     return [export_variant(params, params.center.norm, params.center.distribution, dataset, category,
-                           device=device)
+                           device=device, progress=progress)
             for dataset, category in tqdm(jobs, desc="export", unit="model", disable=not progress)]

@@ -1,8 +1,9 @@
 """Stage ``online``: Protocol C, one cold-start pass over the normal stream, with a learning curve.
 
 Batch size 1, one epoch, the training images in a seeded order, the center random from the start. The
-test set is scored at 1, 2, 4, ... and all images seen; scoring works on a copy of the projector, so the
-checkpoints leave the training trajectory untouched.
+test set is scored at 1, 2, 4, ... and all images seen (before the last checkpoint, a seeded sample of
+``protocol_c.curve_test_images`` test images); scoring works on a copy of the projector, so the checkpoints leave
+the training trajectory untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from polarocc.device import pick_device
 from polarocc.errors import ConfigError
 from polarocc.features.store import FeatureStore
 from polarocc.reports.plots import learning_curve_plot
+from polarocc.training.progress import ImagesSeen, both
 
 
 def online_config(params: Params) -> TrainConfig:
@@ -32,15 +34,20 @@ def online_config(params: Params) -> TrainConfig:
     return replace(params.train, epochs=1, batch_size=1, seed=params.protocol_c.seed)
 
 
-def run_category(store: FeatureStore, params: Params, device: str = "cpu") -> tuple[dict, tuple]:
+def run_category(store: FeatureStore, params: Params, device: str = "cpu", progress: bool = False,
+                 ) -> tuple[dict, tuple]:
     """Protocol C on one category: (metrics with the learning curve, (projector, center, history))."""
     n_train = store.features("train").shape[0]
     distribution = params.center.distribution
     # The same center fit_store draws (cold start: no data involved).
     center = store.centers((distribution,), params.center.norm, params.center.seed)[distribution]
-    curve = LearningCurve(store, center, params.score, checkpoints(n_train), device)
-    [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
-                                               online_config(params), curve).values()
+    c = params.protocol_c
+    curve = LearningCurve(store, center, params.score, checkpoints(n_train), device, c.curve_test_images, c.seed)
+    with tqdm(total=n_train, desc=f"  {store.path.stem} stream", unit="image", leave=False,
+              disable=not progress) as bar:
+        [(projector, center, history)] = fit_store(store, params, params.center.norm, (distribution,),
+                                                   online_config(params),
+                                                   both(curve, ImagesSeen(bar, [distribution]))).values()
     scores, pixel = curve.final
     metrics = {
         **category_metrics(store, scores, pixel.result()), "protocol": "C", "n_train": n_train,
@@ -58,7 +65,7 @@ def curve_table(results: dict[str, dict], dataset: str) -> pl.DataFrame:
     # Categories of different sizes end at different counts; the mean covers the checkpoints all share.
     shared = (table.group_by("seen").agg(pl.len().alias("n")).filter(pl.col("n") == len(results))["seen"])
     mean = (table.filter(pl.col("seen").is_in(shared.implode())).group_by(["dataset", "seen"])
-            .agg(pl.col("image_auroc").mean(), pl.col("pixel_auroc").mean())
+            .agg(pl.col("image_auroc").mean(), pl.col("pixel_auroc").mean(), pl.col("test_images").sum())
             .with_columns(pl.lit("mean").alias("category")).select(table.columns))
     return pl.concat([table, mean]).sort(["category", "seen"])
 
@@ -73,7 +80,7 @@ def run_online(params: Params, dataset: str, progress: bool = True) -> dict[str,
     for category in tqdm(params.datasets[dataset].categories, desc=f"online {dataset}", unit="category",
                          disable=not progress):
         store = FeatureStore(layout.feature_store(params, dataset, category))
-        metrics, (projector, center, history) = run_category(store, params, device)
+        metrics, (projector, center, history) = run_category(store, params, device, progress)
         results[category] = metrics
         provenance = {"protocol": "C", "dataset": dataset, "category": category,
                       "distribution": params.center.distribution, "norm": float(params.center.norm)}

@@ -38,6 +38,12 @@ def write_curves(table: pl.DataFrame, folder: Path, x: str, columns: list[str]) 
         write_csv(folder / f"{dataset}.csv", part.select([x, *columns]).sort(x))
 
 
+def _sample(images: int) -> str:
+    """How a curve's sample size reads in the report."""
+    return ("every test image" if images == 0 else
+            f"about {images} test images, at least one per defect type, or the whole split when it is smaller")
+
+
 def run_report(params: Params) -> Path:
     """Write the analysis tables and plots and reports/report.md; returns the report's path."""
     reports = layout.reports(params)
@@ -116,10 +122,13 @@ def run_report(params: Params) -> Path:
                       + "\n\n" + _link(report, plots / "polar.png", "polar diagnostics")),
         SECTIONS[6]: ("Loss, ||W|| and ||b - c|| per epoch for every norm (distance from the collapse W = 0, "
                       "b = c), and test AUROC per epoch with and without bias: an analysis, never used to pick "
-                      "the reported (final-epoch) model. Bias ablation at the final epoch:",
+                      "the reported (final-epoch) model; every epoch scores the same seeded sample of "
+                      f"{_sample(params.analysis.budget_test_images)}. Bias ablation at the final epoch, on that "
+                      "sample:",
                       md_table(ablation) + "\n\n" + _link(report, plots / "budget.png", "training budget")),
         SECTIONS[7]: ("Protocol C (batch 1, one pass, cold start): final metrics per category and the test AUROC "
-                      "after 1, 2, 4, ... images.",
+                      "after 1, 2, 4, ... images (every checkpoint on the same seeded sample of "
+                      f"{_sample(params.protocol_c.curve_test_images)}; the final metrics on the whole split).",
                       md_table(online) + "\n\n" + "\n\n".join(
                           _link(report, layout.learning_curve_plot(params, d), f"learning curve {d}")
                           for d in params.protocol_c.datasets)),

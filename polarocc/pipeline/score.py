@@ -35,7 +35,8 @@ def run_score(params: Params, norm: float, progress: bool = True) -> dict:
             models.append((projector, center))
         polar = [PolarAccumulator(center) for _, center in models]
         pixel = pixel_accumulators(store, len(models), params.score)
-        outputs = score_store(store, models, params.score, device, pixel=pixel, polar=polar)
+        outputs = score_store(store, models, params.score, device, pixel=pixel, polar=polar,
+                              progress=f"  {dataset}/{category}" if progress else None)
         pixel_results = results_of(pixel, map_pixels(store), params.score.metrics_memory_mb)
         for distribution, scores, pixel_result, diagnostics in zip(params.sweep.distributions, outputs, pixel_results,
                                                                     polar, strict=True):

@@ -18,6 +18,7 @@ from polarocc.detector.stores import fit_store, step_threads
 from polarocc.device import pick_device
 from polarocc.features.store import FeatureStore
 from polarocc.models.projector import Projector
+from polarocc.training.progress import ImagesSeen
 from polarocc.training.schedule import TrainHistory
 from polarocc.training.threads import in_order, torch_threads
 
@@ -54,15 +55,19 @@ def run_train(params: Params, norm: float, progress: bool = True) -> dict:
         params.train, stats_memory_mb=max(1, params.train.stats_memory_mb // workers))
     threads = 1 if workers > 1 else None
 
+    image_epochs = sum(store.features("train").shape[0] for *_, store in jobs) * cfg.epochs
+    steps = tqdm(total=image_epochs, desc=f"train norm {norm:g}", unit="image", unit_scale=True,
+                 disable=not progress)
+
     def fit(job: tuple[str, str, FeatureStore]) -> dict[str, tuple[Projector, torch.Tensor, TrainHistory]]:
-        return fit_store(job[2], params, norm, distributions, cfg=cfg, device=device, threads=threads)
+        return fit_store(job[2], params, norm, distributions, cfg=cfg, device=device, threads=threads,
+                         on_step=ImagesSeen(steps, distributions))
 
     # torch's thread count is process-wide here: set once around the pool, so the workers' own (equal)
     # settings cannot race with each other or leak out.
-    with torch_threads(threads or torch.get_num_threads()), closing(in_order(fit, jobs, workers)) as results:
-        for (dataset, category, store), fitted in tqdm(zip(jobs, results, strict=True), total=len(jobs),
-                                                       desc=f"train norm {norm:g}", unit="category",
-                                                       disable=not progress):
+    with (steps, torch_threads(threads or torch.get_num_threads()),
+          closing(in_order(fit, jobs, workers)) as results):
+        for (dataset, category, store), fitted in zip(jobs, results, strict=True):
             for distribution, model in fitted.items():
                 _save(params, norm, "B", distribution, dataset, category, store, model, params.train, histories)
     for distribution, dataset, name, store, *fitted in protocol_a.fit_all(params, norm):

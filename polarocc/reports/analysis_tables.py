@@ -117,8 +117,12 @@ def budget_table(budget_json: Path) -> pl.DataFrame:
     for dataset, per_category in json.loads(budget_json.read_text()).items():
         for category, curves in per_category.items():
             for key, bias in (("bias", True), ("no_bias", False)):
-                rows += [{"dataset": dataset, "category": category, "bias": bias, **point} for point in curves[key]]
-    return pl.DataFrame(rows, schema_overrides={"pixel_auroc": pl.Float64, "category": pl.String})
+                # test_images: how many test images the point scored (Protocol B; a sample before the last epoch)
+                rows += [{"dataset": dataset, "category": category, "bias": bias, **point,
+                          "test_images": point.get("test_images")}
+                         for point in curves[key]]
+    return pl.DataFrame(rows, schema_overrides={"pixel_auroc": pl.Float64, "category": pl.String,
+                                                "test_images": pl.Int64})
 
 
 def budget_means(budget: pl.DataFrame) -> pl.DataFrame:
