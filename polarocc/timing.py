@@ -81,29 +81,19 @@ def _curve_images(test: int, marks: int, sample: int, whole_split_at_end: bool =
     return marks * sample + (test if whole_split_at_end else 0)
 
 
-def _coreset_work(params: Params, w: Workload) -> float:
-    """Coreset steps x held vectors x projection dimensions, over the categories (PatchCore only)."""
+def _patchcore_work(params: Params, w: Workload) -> tuple[float, float]:
+    """PatchCore's (coreset steps x held vectors x projection dimensions, test positions x bank vectors x channels)
+    over the categories; zero when it is not one of the peers."""
     pe = params.peers
+    coreset = search = 0.0
     if "patchcore" not in pe.methods:
-        return 0.0
-    total = 0.0
-    for _, train, _ in w.categories:
-        held = min(train * w.positions, pe.bank_limit or math.inf)
-        steps = max(1, math.ceil(pe.coreset_ratio * held))
-        total += steps * held * min(pe.projection_dim, w.channels)
-    return total
-
-
-def _search_work(params: Params, w: Workload) -> float:
-    """Test positions x bank vectors x channels of PatchCore's nearest-neighbour search."""
-    pe = params.peers
-    if "patchcore" not in pe.methods:
-        return 0.0
-    total = 0.0
+        return coreset, search
     for _, train, test in w.categories:
         held = min(train * w.positions, pe.bank_limit or math.inf)
-        total += test * w.positions * math.ceil(pe.coreset_ratio * held) * w.channels
-    return total
+        bank = max(1, math.ceil(pe.coreset_ratio * held))
+        coreset += bank * held * min(pe.projection_dim, w.channels)
+        search += test * w.positions * bank * w.channels
+    return coreset, search
 
 
 # Each part: (rate name, units of this configuration). A rate named after another stage's part reuses it.
@@ -152,8 +142,8 @@ STAGE_PARTS: dict[str, Parts] = {
         _curve_images(test, len(checkpoints(train)), p.protocol_c.curve_test_images)
         for dataset, train, test in w.categories if dataset in p.protocol_c.datasets))},
     "export": _export_units,
-    "peers": lambda p, w: {"coreset step x vector x dim": _coreset_work(p, w),
-                           "search position x vector x channel": _search_work(p, w),
+    "peers": lambda p, w: {**dict(zip(("coreset step x vector x dim", "search position x vector x channel"),
+                                      _patchcore_work(p, w), strict=True)),
                            "scored map (224 px)": _map_units(w, w.b_test * len(p.peers.methods)),
                            # fitting a peer (PaDiM's per-position covariances, the bank) costs per category
                            "peer fit (category)": len(w.categories) * len(p.peers.methods)},
