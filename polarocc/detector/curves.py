@@ -44,7 +44,7 @@ class LearningCurve:
         samples = store.samples("test")
         self.labels = np.array([s.label for s in samples])
         self.sample = stratified_rows([s.defect_type for s in samples], sample_images, seed)
-        # The sample is scored at every checkpoint but the last: held in memory when small, read once.
+        # The sample is scored at every checkpoint: held in memory when small, read once.
         small = CachedRows.nbytes(store, len(self.sample)) <= CACHE_BYTES
         self.source = CachedRows(store, self.sample) if len(self.sample) < len(samples) and small else store
         self.whole_split_at_end = whole_split_at_end
@@ -61,8 +61,8 @@ class LearningCurve:
         [pixel] = pixel_accumulators(self.store, 1, self.cfg)
         whole = rows is None or len(rows) == len(self.labels)
         with torch_threads(os.cpu_count() or 1):
-            source = self.store if whole or not np.array_equal(rows, self.sample) else self.source
-            [scores] = score_store(source, [(frozen, self.center)], self.cfg, self.device, pixel=[pixel],
+            # CachedRows serves the held sample from memory and every other read from the store.
+            [scores] = score_store(self.source, [(frozen, self.center)], self.cfg, self.device, pixel=[pixel],
                                    rows=None if whole else rows)
         labels = self.labels if whole else self.labels[rows]
         metrics = {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel.pixel_auroc(),
