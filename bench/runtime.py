@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import re
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.reporting import write_results  # noqa: E402
 from polarocc.atomic import write_json  # noqa: E402
 from polarocc.config import Params, load_params  # noqa: E402
-from polarocc.peers.patchcore import PatchCore, greedy_coreset  # noqa: E402
+from polarocc.peers.patchcore import PatchCore, coreset_size, greedy_coreset  # noqa: E402
 from polarocc.planning import make_plan  # noqa: E402
 from polarocc.timing import COSTS_FILE, MeasuredRun, Workload, calibrate, stage_family  # noqa: E402
 
@@ -175,7 +174,7 @@ def patchcore_rates(params: Params, workload: Workload) -> dict[str, float]:
     coreset_seconds(few)  # warm-up
     coreset = (coreset_seconds(many) - coreset_seconds(few)) / ((many - few) * held * dim)
     peer = PatchCore(k=pe.k)
-    peer.bank = bank[:max(1, math.ceil(pe.coreset_ratio * held))].contiguous()
+    peer.bank = bank[:coreset_size(pe.coreset_ratio, held)].contiguous()
     features = torch.randn(16, workload.channels, 64, 64)
     start = time.perf_counter()
     peer.distance_maps(features)

@@ -22,6 +22,7 @@ from typing import Any
 
 from polarocc.config import Params
 from polarocc.detector.curves import checkpoints
+from polarocc.peers.patchcore import coreset_size
 from polarocc.planning import RunPlan, category_counts, human_seconds
 
 COSTS_FILE = Path(__file__).with_name("stage_costs.json")
@@ -90,7 +91,7 @@ def _patchcore_work(params: Params, w: Workload) -> tuple[float, float]:
         return coreset, search
     for _, train, test in w.categories:
         held = min(train * w.positions, pe.bank_limit or math.inf)
-        bank = max(1, math.ceil(pe.coreset_ratio * held))
+        bank = coreset_size(pe.coreset_ratio, held)
         coreset += bank * held * min(pe.projection_dim, w.channels)
         search += test * w.positions * bank * w.channels
     return coreset, search

@@ -29,6 +29,11 @@ def project_bank(bank: torch.Tensor, projection_dim: int, generator: torch.Gener
     return points
 
 
+def coreset_size(ratio: float, held: int) -> int:
+    """Vectors the coreset keeps of ``held`` training vectors: the fraction ``ratio``, rounded up, at least one."""
+    return max(1, math.ceil(ratio * held))
+
+
 def greedy_coreset(bank: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 1024, device: str = "cpu",
                    progress: str | None = None) -> torch.Tensor:
     """Indices of ``size`` rows of ``bank`` (N, C) chosen by greedy k-center selection (the farthest-point rule of
@@ -86,7 +91,7 @@ class PatchCore:
             raise ValueError("PatchCore needs normal training features")
         bank = reservoir.rows
         if self.thin:
-            size = max(1, math.ceil(self.coreset_ratio * len(bank)))
+            size = coreset_size(self.coreset_ratio, len(bank))
             bank = bank[greedy_coreset(bank, size, self.projection_dim, self.seed, self.device,
                                        None if self.progress is None else f"{self.progress} coreset")]
         self.bank = bank.contiguous().to(self.device)
